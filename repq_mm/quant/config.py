@@ -1,0 +1,61 @@
+"""Quantization settings shared by RepQ blocks and plain quantized layers."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .lsq import LSQQuantizer, check_bits
+
+BN_MODES = ('exact', 'est')
+
+
+@dataclass
+class QConfig:
+    """What to quantize and how.
+
+    Args:
+        w_bits: weight bit width (2..8), signed.
+        a_bits: activation bit width (2..8); signedness decided from the first batch
+            (``act_signed='auto'``) unless given.
+        per_channel: per-output-channel weight step sizes.
+        bn_mode: ``'exact'`` (RepQ-BN) or ``'est'`` (RepQ-BNEst) batch statistics for BN
+            inside rep blocks during training.
+        act_signed: ``True``, ``False`` or ``'auto'``.
+        symmetric: symmetric signed weight range ``[-Q_P, Q_P]``.
+        impl: ``'fused'`` (PyTorch kernels) or ``'reference'`` (paper formulas).
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    per_channel: bool = False
+    bn_mode: str = 'exact'
+    act_signed: bool | str = 'auto'
+    symmetric: bool = False
+    impl: str = 'fused'
+
+    def __post_init__(self):
+        check_bits(self.w_bits)
+        check_bits(self.a_bits)
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f'bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}')
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'QConfig':
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise KeyError(f'unknown QConfig keys {sorted(unknown)}; valid keys: {sorted(names)}')
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **kw) -> 'QConfig':
+        return QConfig(**{**self.to_dict(), **kw})
+
+    def weight_quantizer(self) -> LSQQuantizer:
+        return LSQQuantizer(self.w_bits, signed=True, per_channel=self.per_channel, ch_axis=0,
+                            symmetric=self.symmetric, impl=self.impl)
+
+    def act_quantizer(self) -> LSQQuantizer:
+        return LSQQuantizer(self.a_bits, signed=self.act_signed, per_channel=False,
+                            impl=self.impl)

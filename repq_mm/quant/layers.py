@@ -1,0 +1,120 @@
+"""Quantized plain layers: ``QConv2d`` and ``QLinear`` (LSQ on weights and input)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QConfig
+from .lsq import LSQQuantizer
+
+
+class _EvalWeightCache:
+    """Caches the quantized weight while not training, keyed on tensor versions, so that
+    inference does not re-quantize (or re-merge) the weight on every call."""
+
+    def _cached(self, key_tensors, compute):
+        if self.training or torch.is_grad_enabled() and any(
+                t.requires_grad for t in key_tensors):
+            self.__dict__['_wcache'] = None
+            return compute()
+        key = tuple((id(t), t._version, t.device) for t in key_tensors)
+        cache = self.__dict__.get('_wcache')
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, compute())
+            self.__dict__['_wcache'] = cache
+        return cache[1]
+
+
+class QConv2d(nn.Conv2d, _EvalWeightCache):
+    """``nn.Conv2d`` with LSQ fake quantizers on its weight (``w_quant``) and its input
+    (``a_quant``). Either may be ``None`` (not quantized).
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+        >>> qconv = QConv2d.from_float(conv, QConfig(w_bits=4, a_bits=4))
+        >>> qconv(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 8, 8, 8])
+    """
+
+    def __init__(self, *args, w_quant: LSQQuantizer | None = None,
+                 a_quant: LSQQuantizer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_quant = w_quant
+        self.a_quant = a_quant
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, qcfg: QConfig) -> 'QConv2d':
+        if conv.padding_mode != 'zeros':
+            raise ValueError(f'QConv2d supports padding_mode="zeros" only, got '
+                             f'{conv.padding_mode!r}')
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                w_quant=qcfg.weight_quantizer(), a_quant=qcfg.act_quantizer(),
+                device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            q.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                q.bias.copy_(conv.bias)
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.w_quant is None:
+            return self.weight
+        return self._cached([self.weight, self.w_quant.step],
+                            lambda: self.w_quant(self.weight))
+
+    def forward(self, x):
+        if self.a_quant is not None:
+            x = self.a_quant(x)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QLinear(nn.Linear, _EvalWeightCache):
+    """``nn.Linear`` with LSQ fake quantizers on weight and input (see :class:`QConv2d`).
+
+    Example:
+        >>> fc = QLinear.from_float(nn.Linear(16, 10), QConfig(w_bits=8, a_bits=8))
+        >>> fc(torch.randn(4, 16)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(self, *args, w_quant: LSQQuantizer | None = None,
+                 a_quant: LSQQuantizer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_quant = w_quant
+        self.a_quant = a_quant
+
+    @classmethod
+    def from_float(cls, fc: nn.Linear, qcfg: QConfig) -> 'QLinear':
+        q = cls(fc.in_features, fc.out_features, fc.bias is not None,
+                w_quant=qcfg.weight_quantizer(), a_quant=qcfg.act_quantizer(),
+                device=fc.weight.device, dtype=fc.weight.dtype)
+        with torch.no_grad():
+            q.weight.copy_(fc.weight)
+            if fc.bias is not None:
+                q.bias.copy_(fc.bias)
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.w_quant is None:
+            return self.weight
+        return self._cached([self.weight, self.w_quant.step],
+                            lambda: self.w_quant(self.weight))
+
+    def forward(self, x):
+        if self.a_quant is not None:
+            x = self.a_quant(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def frozen_copy(q: LSQQuantizer | None) -> LSQQuantizer | None:
+    """A copy of a quantizer for deployment: same state, step size not trainable."""
+    if q is None:
+        return None
+    q2 = copy.deepcopy(q)
+    q2.step.requires_grad_(False)
+    return q2

@@ -1,0 +1,252 @@
+"""LSQ fake quantizer (Esser et al., ICLR 2020), see ``docs``/repq-method.md §4.
+
+Forward::
+
+    v_hat = s * round(clip(v / s, -Q_N, Q_P))
+
+signed:   Q_N = 2^(b-1), Q_P = 2^(b-1) - 1   (``symmetric=True``: Q_N = Q_P)
+unsigned: Q_N = 0,       Q_P = 2^b - 1
+
+The step size ``s`` gets the straight-through LSQ gradient scaled by
+``g = 1 / sqrt(N * Q_P)`` (``N`` = number of elements sharing one step size).
+
+By default the fused PyTorch kernels
+``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` (zero point 0) are used: they
+compute the same forward and the same gradients except for a half-step difference at the
+clip edge (they test the range on the *rounded* value ``round(v/s)`` instead of ``v/s``).
+``impl='reference'`` selects an autograd implementation of the exact paper formulas.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_EPS = 1e-8
+
+
+def check_bits(bits) -> int:
+    """Validate a bit width: an ``int`` in 2..8, else ``ValueError`` naming the value."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f'bit width must be an int in 2..8, got {bits!r} '
+                         f'({type(bits).__name__})')
+    if not 2 <= bits <= 8:
+        raise ValueError(f'bit width must be in 2..8, got {bits}')
+    return bits
+
+
+def quant_range(bits: int, signed: bool, symmetric: bool = False) -> tuple[int, int]:
+    """Return ``(Q_N, Q_P)`` for ``bits`` (``-Q_N`` is the lowest code)."""
+    check_bits(bits)
+    if signed:
+        qp = 2 ** (bits - 1) - 1
+        qn = qp if symmetric else 2 ** (bits - 1)
+    else:
+        qn, qp = 0, 2 ** bits - 1
+    return qn, qp
+
+
+class _LSQReference(torch.autograd.Function):
+    """Exact LSQ formulas (paper), ``scale`` broadcastable to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qn, qp, grad_factor):
+        v = x / scale
+        ctx.save_for_backward(v, scale)
+        ctx.qn, ctx.qp, ctx.grad_factor = qn, qp, grad_factor
+        return torch.round(v.clamp(-qn, qp)) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, scale = ctx.saved_tensors
+        below, above = v < -ctx.qn, v > ctx.qp
+        inside = ~(below | above)
+        grad_x = grad * inside
+        ds = torch.where(inside, torch.round(v) - v,
+                         torch.where(below, torch.full_like(v, -ctx.qn),
+                                     torch.full_like(v, ctx.qp)))
+        grad_s = grad * ds * ctx.grad_factor
+        # reduce to the shape of scale
+        dims = [d for d in range(grad_s.dim()) if scale.shape[d] == 1] if scale.dim() else None
+        grad_s = grad_s.sum(dim=dims, keepdim=True) if dims is not None else grad_s.sum()
+        return grad_x, grad_s.reshape(scale.shape), None, None, None
+
+
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, qn: int, qp: int,
+                   grad_factor: float, ch_axis: int | None = None,
+                   impl: str = 'fused') -> torch.Tensor:
+    """Functional LSQ fake quantization.
+
+    Args:
+        x: tensor to quantize.
+        scale: step size, shape ``(1,)`` (per tensor) or ``(C,)`` with ``ch_axis``.
+        qn, qp: ``Q_N`` and ``Q_P``.
+        grad_factor: LSQ gradient scale on ``scale``.
+        ch_axis: channel axis for per-channel step sizes, ``None`` for per tensor.
+        impl: ``'fused'`` (PyTorch kernels) or ``'reference'`` (paper formulas).
+    """
+    if impl == 'fused':
+        orig_dtype = x.dtype
+        xf = x.float() if orig_dtype != torch.float32 else x
+        zp = torch.zeros_like(scale)
+        if ch_axis is None:
+            out = torch._fake_quantize_learnable_per_tensor_affine(
+                xf, scale, zp, -qn, qp, grad_factor)
+        else:
+            out = torch._fake_quantize_learnable_per_channel_affine(
+                xf, scale, zp, ch_axis, -qn, qp, grad_factor)
+        return out.to(orig_dtype) if orig_dtype != torch.float32 else out
+    if impl != 'reference':
+        raise ValueError(f"impl must be 'fused' or 'reference', got {impl!r}")
+    if ch_axis is not None:
+        shape = [1] * x.dim()
+        shape[ch_axis] = -1
+        scale = scale.reshape(shape)
+    else:
+        scale = scale.reshape([1] * x.dim()) if x.dim() else scale.reshape(())
+    return _LSQReference.apply(x, scale, qn, qp, grad_factor)
+
+
+class LSQQuantizer(nn.Module):
+    """Learned-step-size fake quantizer.
+
+    Args:
+        bits: bit width, 2..8.
+        signed: ``True`` / ``False``, or ``'auto'`` (activations: signed iff the first batch
+            seen has negative values; decided once and kept in the state dict).
+        per_channel: one step size per slice along ``ch_axis`` (weights: output channels).
+        ch_axis: channel axis for ``per_channel``.
+        symmetric: signed range ``[-Q_P, Q_P]`` instead of ``[-Q_N, Q_P]``.
+        impl: ``'fused'`` (default, PyTorch kernels) or ``'reference'``.
+
+    The step size is initialised on the first forward call from the tensor it sees
+    (``s0 = 2 mean|v| / sqrt(Q_P)``; per channel: per slice). Under ``torch.distributed``
+    the initial values are averaged over ranks so every rank starts identical. Whether the
+    quantizer is initialised is a buffer (``initialized``), so a loaded or resumed checkpoint
+    is never re-initialised. The used step size is ``max(step, 1e-8)`` with a straight-through
+    gradient, so it stays strictly positive.
+
+    Example:
+        >>> import torch
+        >>> q = LSQQuantizer(bits=4, signed=True)
+        >>> w = torch.randn(8, 3, 3, 3)
+        >>> wq = q(w)                       # first call initialises the step
+        >>> bool(q.initialized)
+        True
+        >>> codes = torch.round(wq / q.scale())
+        >>> int(codes.min()) >= -8 and int(codes.max()) <= 7
+        True
+    """
+
+    def __init__(self, bits: int = 8, signed: bool | str = True, per_channel: bool = False,
+                 ch_axis: int = 0, symmetric: bool = False, impl: str = 'fused'):
+        super().__init__()
+        self.bits = check_bits(bits)
+        if signed not in (True, False, 'auto'):
+            raise ValueError(f"signed must be True, False or 'auto', got {signed!r}")
+        if impl not in ('fused', 'reference'):
+            raise ValueError(f"impl must be 'fused' or 'reference', got {impl!r}")
+        self.signed_mode = signed
+        self.per_channel = per_channel
+        self.ch_axis = ch_axis
+        self.symmetric = symmetric
+        self.impl = impl
+        self.enabled = True
+        # step size; per-channel shape is fixed at the first call (lazy) or by load_state_dict
+        self.step = nn.Parameter(torch.ones(1))
+        self.register_buffer('initialized', torch.zeros((), dtype=torch.uint8))
+        self.register_buffer('signed', torch.tensor(int(signed is True), dtype=torch.uint8))
+        self._init_cache: bool | None = None
+        self._signed_cache: bool | None = None
+
+    # -- state -------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'step'
+        if key in state_dict and state_dict[key].shape != self.step.shape:
+            self.step = nn.Parameter(torch.empty_like(state_dict[key], device=self.step.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._init_cache = self._signed_cache = None
+
+    @property
+    def is_initialized(self) -> bool:
+        if self._init_cache is None:
+            self._init_cache = bool(self.initialized.item())
+        return self._init_cache
+
+    @property
+    def is_signed(self) -> bool:
+        if self.signed_mode != 'auto':
+            return bool(self.signed_mode)
+        if self._signed_cache is None:
+            self._signed_cache = bool(self.signed.item())
+        return self._signed_cache
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """``(Q_N, Q_P)`` currently in use."""
+        return quant_range(self.bits, self.is_signed, self.symmetric)
+
+    def scale(self) -> torch.Tensor:
+        """The strictly positive step size actually used (straight-through clamp)."""
+        s = self.step
+        return s + (s.clamp(min=_EPS) - s).detach()
+
+    def extra_repr(self) -> str:
+        return (f'bits={self.bits}, signed={self.signed_mode}, per_channel={self.per_channel}, '
+                f'symmetric={self.symmetric}, impl={self.impl}, enabled={self.enabled}')
+
+    # -- init --------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """LSQ initialisation ``s0 = 2 mean|x| / sqrt(Q_P)`` from ``x`` (rank-averaged)."""
+        x = x.detach().float()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.signed_mode == 'auto':
+            neg = (x.min() < 0).float().reshape(1)
+            if world > 1:
+                dist.all_reduce(neg, op=dist.ReduceOp.MAX)
+            self.signed.fill_(int(neg.item() > 0))
+            self._signed_cache = None
+        _, qp = self.qrange
+        if self.per_channel:
+            dims = [d for d in range(x.dim()) if d != self.ch_axis % x.dim()]
+            mean_abs = x.abs().mean(dim=dims)
+        else:
+            mean_abs = x.abs().mean().reshape(1)
+        if world > 1:
+            dist.all_reduce(mean_abs)
+            mean_abs /= world
+        s0 = (2 * mean_abs / math.sqrt(qp)).clamp(min=1e-6)
+        if self.step.shape != s0.shape:
+            self.step = nn.Parameter(s0.to(self.step.device))
+        else:
+            self.step.copy_(s0)
+        self.initialized.fill_(1)
+        self._init_cache = True
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.is_initialized:
+            self.initialize(x)
+        qn, qp = self.qrange
+        n = x.numel() // self.step.numel()
+        grad_factor = 1.0 / math.sqrt(n * qp)
+        return lsq_fake_quant(x, self.scale(), qn, qp, grad_factor,
+                              self.ch_axis if self.per_channel else None, self.impl)
+
+    @torch.no_grad()
+    def quantize_to_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes and step size such that ``codes * scale`` equals ``forward(x)``."""
+        if not self.is_initialized:
+            raise RuntimeError('LSQQuantizer is not initialised: run a forward pass or load '
+                               'a checkpoint before exporting integer codes')
+        qn, qp = self.qrange
+        s = self.scale().detach()
+        sb = s.reshape([-1 if d == self.ch_axis % x.dim() else 1 for d in range(x.dim())]) \
+            if self.per_channel else s
+        codes = torch.round(x / sb).clamp(-qn, qp)
+        return codes.to(torch.int8 if qp <= 127 else torch.int16), s

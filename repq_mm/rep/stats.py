@@ -1,0 +1,65 @@
+"""Batch-norm statistics used by RepQ: exact batch statistics, input moments for BNEst,
+running-statistics updates with ``nn.BatchNorm2d`` semantics, SyncBN all-reduce."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def wants_sync(bn: nn.Module | None) -> bool:
+    """SyncBN semantics: the module is a ``SyncBatchNorm`` and more than one rank runs."""
+    return isinstance(bn, nn.SyncBatchNorm) and _world() > 1
+
+
+def channel_var_mean(y: torch.Tensor, sync: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel biased variance and mean of ``y`` (N, C, H, W) over (N, H, W).
+
+    With ``sync`` the moments are all-reduced over ranks with autograd support
+    (SyncBN semantics). Returns ``(var, mean, n)`` with ``n`` elements per channel (global).
+    """
+    c = y.shape[1]
+    n = y.numel() // c
+    if not sync:
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        return var, mean, n
+    from torch.distributed.nn.functional import all_reduce
+    packed = torch.cat([y.sum(dim=(0, 2, 3)), (y * y).sum(dim=(0, 2, 3)),
+                        y.new_full((1,), float(n))])
+    packed = all_reduce(packed)
+    n_tot = packed[-1]
+    mean = packed[:c] / n_tot
+    var = (packed[c:2 * c] / n_tot - mean * mean).clamp(min=0)
+    return var, mean, int(round(n_tot.item()))
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor,
+                         var: torch.Tensor, n: int) -> None:
+    """Update ``bn.running_mean/var`` exactly like ``nn.BatchNorm2d`` in training mode
+    (unbiased variance, ``momentum=None`` meaning a cumulative average)."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    bn.num_batches_tracked.add_(1)
+    m = bn.momentum
+    if m is None:
+        m = 1.0 / float(bn.num_batches_tracked)
+    unbiased = var.detach() * (n / max(n - 1, 1))
+    bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+    bn.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+
+
+def bn_uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Same rule as ``_BatchNorm.forward``."""
+    return bn.training or not bn.track_running_stats or bn.running_mean is None
+
+
+def input_moments(x: torch.Tensor, sync: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of the block input (one ``var_mean`` pass)."""
+    var, mean, _ = channel_var_mean(x, sync)
+    return mean, var
