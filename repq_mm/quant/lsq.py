@@ -191,7 +191,7 @@ class LSQQuantizer(nn.Module):
     def scale(self) -> torch.Tensor:
         """The strictly positive step size actually used (straight-through clamp)."""
         s = self.step
-        return s + (s.clamp(min=_EPS) - s).detach()
+        return s.detach().clamp(min=_EPS) + (s - s.detach())  # value clamped, gradient 1
 
     def extra_repr(self) -> str:
         return (f'bits={self.bits}, signed={self.signed_mode}, per_channel={self.per_channel}, '

@@ -1,0 +1,411 @@
+"""One suite for every registered re-parameterized block (``repq_mm.rep.REP_BLOCKS``).
+
+For each block family and each configuration its class flags allow (stride 1/2, groups
+1/2/depthwise, in == out and in != out), with randomised BN statistics and affine params:
+
+a. eval: multi-branch output == ``to_deploy()`` output;
+b. train: full-precision multi-branch forward == merged conv with exact batch statistics
+   (outputs, gradients wrt input and every parameter, running statistics after the step);
+c. ``bn_mode='est'`` vs ``'exact'``: the error is measured (forward only, on a 16x16,
+   batch-8 input, iid and feature-map-like) and printed as a table (and bounded loosely);
+   a provably exact case (depthwise 1x1) must match exactly;
+d. a trained quantized block deploys to a conv whose weight is the QAT quantized merged
+   weight, on the integer grid, with the same output;
+e. the RepQ forward gives every trainable parameter a finite gradient.
+
+Run with ``OMP_NUM_THREADS=1``; the whole file takes about 15 s on one CPU thread.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repq_mm.quant import QConfig
+from repq_mm.rep import (REP_BLOCKS, AvgStage, ConvStage, IdentityStage, MaskStage,
+                         MobileOneBlock, RepBlock, RepVGGBlock, ScaleStage)
+
+BATCH = 3
+
+# (in, out, stride, groups, input size); groups 'dw' means groups = in_channels
+CONFIGS = [
+    (4, 4, 1, 1, 7),
+    (4, 8, 1, 1, 6),
+    (6, 6, 2, 1, 9),
+    (8, 8, 1, 2, 7),
+    (4, 8, 2, 2, 8),
+    (4, 4, 1, 'dw', 7),
+    (6, 6, 2, 'dw', 9),
+    (4, 8, 1, 'dw', 6),      # depthwise with channel multiplier
+]
+
+# non-default constructions worth covering (name, factory, in, size)
+EXTRA = [
+    ('RepVGGBlock-k1', lambda: RepVGGBlock(4, 4, kernel_size=1), 4, 6),
+    ('MobileOneBlock-3conv', lambda: MobileOneBlock(4, 4, num_conv_branches=3), 4, 7),
+    ('MobileOneBlock-dw-k1', lambda: MobileOneBlock(6, 6, kernel_size=1, groups=6,
+                                                    num_conv_branches=2), 6, 6),
+    ('ACBlock-k5', lambda: REP_BLOCKS['ACBlock'](4, 6, kernel_size=5, stride=2), 4, 9),
+    ('DiverseBranchBlock-k5', lambda: REP_BLOCKS['DiverseBranchBlock'](4, 4, kernel_size=5),
+     4, 8),
+    ('ECBBlock-idt', lambda: REP_BLOCKS['ECBBlock'](4, 4, with_idt=True), 4, 7),
+    ('RepConv-relu', lambda: REP_BLOCKS['RepConv'](4, 4, act=nn.ReLU()), 4, 7),
+    ('OREPABlock-k1', lambda: REP_BLOCKS['OREPABlock'](4, 8, kernel_size=1), 4, 6),
+]
+
+
+def _cases():
+    cases = []
+    for name, cls in REP_BLOCKS.items():
+        for cin, cout, stride, groups, size in CONFIGS:
+            if stride != 1 and not cls.supports_stride:
+                continue
+            if groups != 1 and not cls.supports_groups:
+                continue
+            g = cin if groups == 'dw' else groups
+            kw = {}
+            if stride != 1:
+                kw['stride'] = stride
+            if g != 1:
+                kw['groups'] = g
+            cid = f'{name}-{cin}x{cout}-s{stride}-g{groups}'
+            cases.append(pytest.param((cid, (lambda c=cls, a=(cin, cout), k=kw: c(*a, **k)),
+                                       cin, size), id=cid))
+    for cid, factory, cin, size in EXTRA:
+        cases.append(pytest.param((cid, factory, cin, size), id=cid))
+    return cases
+
+
+CASES = _cases()
+
+
+def _seed(cid: str) -> int:
+    return zlib.crc32(cid.encode())
+
+
+@torch.no_grad()
+def randomize(block: RepBlock, gen: torch.Generator) -> RepBlock:
+    """Make every branch matter: random BN statistics / affine, conv biases, scales."""
+    def rn(*shape, s=1.0):
+        return torch.randn(*shape, generator=gen) * s
+
+    def ru(*shape, lo=0.5, hi=1.5):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    for bn in block.bns():
+        c = bn.num_features
+        bn.running_mean.copy_(rn(c, s=0.5))
+        bn.running_var.copy_(ru(c))
+        bn.weight.copy_(ru(c) * torch.where(torch.rand(c, generator=gen) < 0.2, -1.0, 1.0))
+        bn.bias.copy_(rn(c, s=0.3))
+    for branch in block.branches:
+        for st in branch:
+            if isinstance(st, ConvStage) and st.bias is not None:
+                st.bias.copy_(rn(st.out_channels, s=0.2))
+            elif isinstance(st, ScaleStage):
+                st.scale.copy_(ru(st.out_channels))
+            elif isinstance(st, MaskStage):
+                st.scale.copy_(rn(*st.scale.shape, s=0.3))
+                st.bias.copy_(rn(st.out_channels, s=0.2))
+    return block
+
+
+def make_input(cin, size, gen, kind='iid', batch=BATCH):
+    """``iid``: independent Gaussian per element with per-channel offset and scale.
+    ``corr``: channel-mixed, spatially blurred, post-ReLU (feature-map-like)."""
+    if kind == 'iid':
+        x = torch.randn(batch, cin, size, size, generator=gen)
+        return x * (0.5 + torch.rand(1, cin, 1, 1, generator=gen)) + \
+            torch.randn(1, cin, 1, 1, generator=gen) * 0.5
+    z = torch.randn(batch, cin, size + 2, size + 2, generator=gen)
+    mix = 0.6 + 0.6 * torch.randn(cin, cin, generator=gen) / math.sqrt(cin)
+    z = torch.einsum('oi,nihw->nohw', mix, z)
+    z = F.avg_pool2d(z, 3, 1)
+    return F.relu(z + 0.3 * torch.randn(1, cin, 1, 1, generator=gen))
+
+
+def build(case, dtype=torch.float32):
+    """Block (randomised) and input; ``dtype`` is the default dtype during construction,
+    so fixed kernels (avg ``1/K^2``) are exact in that precision."""
+    cid, factory, cin, size = case
+    gen = torch.Generator().manual_seed(_seed(cid))
+    torch.manual_seed(_seed(cid))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        block = randomize(factory(), gen)
+        return block, make_input(cin, size, gen), gen
+    finally:
+        torch.set_default_dtype(old)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
+
+
+def assert_close(a, b, rtol, atol=1e-6, what=''):
+    err = (a - b).abs().max().item()
+    bound = rtol * a.abs().max().item() + atol
+    assert err <= bound, f'{what}: max|diff|={err:.3g} > {bound:.3g}'
+
+
+def deploy_conv(deploy):
+    return deploy[0] if isinstance(deploy, nn.Sequential) else deploy
+
+
+# ---------------------------------------------------------------------------------------
+# a. eval: multi-branch == deploy
+@pytest.mark.parametrize('case', CASES)
+def test_eval_matches_deploy(case):
+    block, x, _ = build(case)
+    block.eval()
+    with torch.no_grad():
+        y = block(x)
+        y_dep = block.to_deploy()(x)
+    assert y.shape == y_dep.shape
+    assert_close(y, y_dep, 1e-5, what='deploy output')
+
+
+# ---------------------------------------------------------------------------------------
+# b. train: FP multi-branch == merged conv with exact batch statistics
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
+@pytest.mark.parametrize('case', CASES)
+def test_train_fp_matches_repq_exact(case, dtype):
+    fp, x, gen = build(case, dtype)
+    fp.train()
+    rq = copy.deepcopy(fp).enable_repq(QConfig(bn_mode='exact'), quantize=False)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fp(x1), rq(x2)
+    # f32: the brief's tolerances; f64: tight, catches small real mismatches
+    rtol_y, rtol_g, floor = (1e-5, 1e-4, 1e-5) if dtype == torch.float32 else \
+        (1e-10, 1e-9, 1e-11)
+    assert_close(y1, y2, rtol_y, what='output')
+    r = torch.randn(y1.shape, generator=gen, dtype=dtype)
+    (y1 * r).sum().backward()
+    (y2 * r).sum().backward()
+    # absolute floor relative to the largest gradient of the block: a gradient that cancels
+    # to almost zero (a weight in front of a BN, a BN in front of another BN) keeps the
+    # rounding of its large terms (f32: up to ~5e-6 of the block's largest gradient)
+    fp_grads = [x1.grad] + [p.grad for p in fp.parameters() if p.grad is not None]
+    atol = floor * max(g.abs().max().item() for g in fp_grads)
+    assert_close(x1.grad, x2.grad, rtol_g, atol, what='grad x')
+    p2 = dict(rq.named_parameters())
+    for name, p in fp.named_parameters():
+        assert p.grad is not None and p2[name].grad is not None, name
+        assert_close(p.grad, p2[name].grad, rtol_g, atol, what=f'grad {name}')
+    b2 = dict(rq.named_buffers())
+    for name, b in fp.named_buffers():
+        if b.is_floating_point():
+            assert_close(b, b2[name], rtol_y, what=f'buffer {name}')
+        else:
+            assert torch.equal(b, b2[name]), name
+
+
+# ---------------------------------------------------------------------------------------
+# c. BNEst vs exact batch statistics
+BNEST_ROWS: dict[str, dict] = {}
+# forward-only measurement: a less tiny input so border effects do not dominate
+EST_SIZE, EST_BATCH = 16, 8
+
+
+def run_recording(block, x, mode):
+    """Train-mode RepQ forward (no quantizers) with ``mode``; returns the output and the
+    (mean, var) used by every BN, in merge order."""
+    blk = copy.deepcopy(block).train().enable_repq(QConfig(bn_mode=mode), quantize=False)
+    rec = []
+    orig = blk._stats
+
+    def spy(bn, m, h, W, B, moments):
+        mean, var = orig(bn, m, h, W, B, moments)
+        rec.append((mean.detach(), var.detach()))
+        return mean, var
+    blk._stats = spy
+    with torch.no_grad():
+        y = blk(x)
+    return y, rec, blk
+
+
+def est_errors(block, x):
+    """(output rel. error, max |d mean| / std, max |d var| / var) of est vs exact."""
+    y_ex, rec_ex, _ = run_recording(block, x, 'exact')
+    y_es, rec_es, _ = run_recording(block, x, 'est')
+    assert len(rec_ex) == len(rec_es)
+    dm = max([((me - mx).abs() / vx.sqrt().clamp(min=1e-6)).max().item()
+              for (mx, vx), (me, _) in zip(rec_ex, rec_es)], default=0.0)
+    dv = max([((ve - vx).abs() / vx.clamp(min=1e-6)).max().item()
+              for (_, vx), (_, ve) in zip(rec_ex, rec_es)], default=0.0)
+    return rel_err(y_ex, y_es), dm, dv
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_bnest_error(case):
+    block, _, gen = build(case)
+    cid, _, cin, _ = case
+    row = {}
+    for kind in ('iid', 'corr'):
+        errs = est_errors(block, make_input(cin, EST_SIZE, gen, kind, EST_BATCH))
+        assert all(math.isfinite(e) for e in errs), errs
+        row[kind] = errs
+    BNEST_ROWS[cid + ('' if block.bns() else ' (no BN)')] = row
+    # loose sanity bounds (measured maxima: iid out 0.14 / var 0.31, corr out 1.0)
+    assert row['iid'][0] < 0.3 and row['iid'][2] < 0.6, row
+    assert row['corr'][0] < 2.0, row
+
+
+@pytest.mark.parametrize('factory', [
+    lambda: RepVGGBlock(6, 6, kernel_size=1, groups=6),
+    lambda: MobileOneBlock(6, 6, kernel_size=1, groups=6, num_conv_branches=2),
+], ids=['RepVGG-dw1x1', 'MobileOne-dw1x1'])
+def test_bnest_exact_for_depthwise_1x1(factory):
+    """Each output channel depends on one input channel at one position, so the diagonal
+    approximation drops nothing: est == exact even for correlated inputs."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    block = randomize(factory(), gen)
+    x = make_input(6, 7, gen, 'corr')
+    y_ex, rec_ex, b_ex = run_recording(block, x, 'exact')
+    y_es, rec_es, b_es = run_recording(block, x, 'est')
+    assert_close(y_ex, y_es, 1e-5, what='output')
+    for (mx, vx), (me, ve) in zip(rec_ex, rec_es):
+        assert_close(mx, me, 1e-5, what='mean')
+        assert_close(vx, ve, 1e-5, what='var')
+    for bx, be in zip(b_ex.bns(), b_es.bns()):
+        assert_close(bx.running_mean, be.running_mean, 1e-5, what='running_mean')
+        assert_close(bx.running_var, be.running_var, 1e-5, what='running_var')
+
+
+def test_bnest_table(capsys):
+    """Prints the BNEst error table (visible without ``-s``)."""
+    if not BNEST_ROWS:  # run alone: measure the default configuration of each family
+        for case in CASES:
+            if case.values[0][0].endswith('-4x4-s1-g1'):
+                test_bnest_error(case.values[0])
+    lines = ['', f'BNEst vs exact (batch {EST_BATCH}, {EST_SIZE}x{EST_SIZE}; '
+             'out = max|dy|/max|y|, mean = max|dmu|/sigma, var = max|dV|/V, '
+             'max over channels and BNs)',
+             f'| {"case":34s} | iid out | iid mean | iid var | corr out | corr mean | '
+             'corr var |', '|' + '-' * 36 + '|---------|----------|---------|----------|'
+             '-----------|----------|']
+    for cid, row in BNEST_ROWS.items():
+        (io, im, iv), (co, cm, cv) = row['iid'], row['corr']
+        lines.append(f'| {cid:34s} | {io:7.4f} | {im:8.4f} | {iv:7.4f} | {co:8.4f} | '
+                     f'{cm:9.4f} | {cv:8.4f} |')
+    with capsys.disabled():
+        print('\n'.join(lines))
+    assert all(math.isfinite(v) for row in BNEST_ROWS.values() for e in row.values()
+               for v in e)
+
+
+# ---------------------------------------------------------------------------------------
+# d. a trained quantized block deploys exactly
+@pytest.mark.parametrize('bn_mode,per_channel', [('exact', False), ('est', True)])
+@pytest.mark.parametrize('case', CASES)
+def test_quantized_deploy(case, bn_mode, per_channel):
+    block, x, gen = build(case)
+    block.train().enable_repq(QConfig(w_bits=4, a_bits=4, bn_mode=bn_mode,
+                                      per_channel=per_channel))
+    block(x)  # initialise the step sizes before building the optimizer
+    opt = torch.optim.SGD(block.parameters(), lr=1e-2, momentum=0.9)
+    steps0 = (block.w_quant.step.detach().clone(), block.a_quant.step.detach().clone())
+    for _ in range(3):
+        xb = x + 0.1 * torch.randn(x.shape, generator=gen)
+        y = block(xb)
+        loss = (y - torch.randn(y.shape, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(block.w_quant.step.detach(), steps0[0])
+    assert not torch.equal(block.a_quant.step.detach(), steps0[1])
+
+    block.eval()
+    with torch.no_grad():
+        y_qat = block(x)
+        w, b = block.merge(None, 'running')
+        wq = block.w_quant(w)
+        deploy = block.to_deploy()
+        y_dep = deploy(x)
+    conv = deploy_conv(deploy)
+    assert torch.equal(conv.weight, wq), 'deploy weight != Q_w(merged kernel)'
+    assert torch.equal(conv.bias, b)
+    s = block.w_quant.scale().detach()
+    s = s.reshape(-1, 1, 1, 1) if per_channel else s
+    codes = conv.weight / s
+    assert (codes - codes.round()).abs().max() < 1e-4, 'deploy weight is off the grid'
+    qn, qp = block.w_quant.qrange
+    assert codes.round().min() >= -qn and codes.round().max() <= qp
+    assert_close(y_qat, y_dep, 1e-5, what='QAT eval vs deploy')
+
+
+# ---------------------------------------------------------------------------------------
+# e. merge() is differentiable in every parameter
+@pytest.mark.parametrize('bn_mode', ['exact', 'est'])
+@pytest.mark.parametrize('case', CASES)
+def test_every_parameter_gets_gradient(case, bn_mode):
+    block, x, gen = build(case)
+    block.train().enable_repq(QConfig(w_bits=4, a_bits=4, bn_mode=bn_mode))
+    block.a_quant.enabled = False  # its step size gets no gradient, all others must
+    y = block(x.requires_grad_())
+    (y * torch.randn(y.shape, generator=gen)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, p in block.named_parameters():
+        if name.startswith('a_quant.'):
+            continue
+        assert p.grad is not None, f'{name} gets no gradient'
+        assert torch.isfinite(p.grad).all(), f'{name} has a non-finite gradient'
+
+
+# ---------------------------------------------------------------------------------------
+# construction checks
+def _block(*branches, cin=4, cout=4, k=3, stride=1, groups=1):
+    blk = RepBlock(cin, cout, k, stride, None, groups)
+    for br in branches:
+        blk.add_branch(*br)
+    return blk
+
+
+@pytest.mark.parametrize('branches,kw,match', [
+    ([], {}, 'no branches'),
+    ([[ConvStage(4, 4, 3, 1, 0)]], {}, 'not centred'),
+    ([[ConvStage(4, 4, 1, 1, 1)]], {}, 'not centred'),
+    ([[ConvStage(4, 4, 5, 1, 2)]], {}, 'not centred'),
+    ([[ConvStage(4, 6, 3, 1, 1)]], {}, 'ends with 6 channels'),
+    ([[ConvStage(4, 8, 1), ConvStage(6, 4, 3, 1, 1)]], {}, 'expects 6 input channels'),
+    ([[ConvStage(4, 4, 3, 2, 1)]], {}, 'stride'),
+    ([[ConvStage(4, 4, 3, 1, 1), ConvStage(4, 4, 3, 1, 1)]], {}, 'two non-1x1'),
+    ([[ConvStage(4, 4, 3, 1, 1), ConvStage(4, 4, 1, 2, 0)]], {'stride': 2},
+     'stride must be on the first stage'),
+    ([[ConvStage(4, 4, 3, 1, 1, groups=1)]], {'groups': 2}, 'multiple of the block groups'),
+    ([[ConvStage(4, 4, 3, 1, 1)], [AvgStage(4, 3, 1, 0)]], {}, 'branch 1'),
+])
+def test_check_rejects_bad_construction(branches, kw, match):
+    blk = _block(*branches, **kw)
+    with pytest.raises(ValueError, match=match):
+        blk.check()
+
+
+def test_check_accepts_valid_chains():
+    _block([ConvStage(4, 8, 1, bias=True), ConvStage(8, 4, 3, 1, 1)],
+           [ConvStage(4, 4, 1, bias=True), MaskStage(4, 'laplacian')],
+           [IdentityStage(4), ScaleStage(4)], [ConvStage(4, 4, (1, 3), 1, (0, 1))]).check()
+
+
+def test_family_constructor_errors():
+    with pytest.raises(ValueError, match='square'):
+        REP_BLOCKS['ACBlock'](4, 4, kernel_size=(1, 3))
+    with pytest.raises(ValueError, match='divisible by groups'):
+        REP_BLOCKS['DiverseBranchBlock'](4, 6, groups=4)
+
+
+def test_mobileone_branch_order():
+    """Checkpoint adapters rely on this order: conv branches, scale (1x1), identity."""
+    blk = MobileOneBlock(4, 4, kernel_size=3, num_conv_branches=2)
+    kinds = [(type(br[0]).__name__, br[0].kernel_size) for br in blk.branches]
+    assert kinds == [('ConvStage', (3, 3)), ('ConvStage', (3, 3)), ('ConvStage', (1, 1)),
+                     ('IdentityStage', (1, 1))]
+    blk = MobileOneBlock(4, 8, stride=2, groups=4, use_scale=False)
+    assert len(blk.branches) == 1
