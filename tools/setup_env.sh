@@ -49,7 +49,6 @@ if ! "$VENV/bin/python" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2
 fi
 
 log "installing mmdet / mmpretrain / repq_mm"
-$PIP install -q "setuptools>=77"  # torch 2.14's own requirement
 $PIP install -q -r "$ROOT/requirements.txt"
 $PIP install -q --no-deps --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" -c "import mmcv.ops, mmdet, mmpretrain, repq_mm; print('stack ok: torch', __import__('torch').__version__, 'mmcv', mmcv.__version__)"
