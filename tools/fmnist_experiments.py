@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Fashion-MNIST experiments: FP / PTQ / LSQ baseline / RepQ-BN / RepQ-BNEst at W8A8 and W4A4.
+
+For every seed: train (or reuse) the full-precision RepVGG, then for every bit width and
+method fine-tune quantization-aware from it (PTQ: calibrate only), evaluate the QAT model
+with ``tools/test.py``, merge it with ``tools/merge_quant.py`` and evaluate the merged
+checkpoint with the stock mmpretrain ``tools/test.py``. Prints and writes a Markdown table
+(mean ± std over seeds) to ``WORK_ROOT/results.md`` and all numbers to ``results.json``.
+
+    python tools/fmnist_experiments.py --seeds 0 1 2            # the README results
+    python tools/fmnist_experiments.py --seeds 0                # the main job (one seed)
+    python tools/fmnist_experiments.py --quick                  # a few iterations (tests)
+
+Every step runs as a subprocess with its log in its work dir; finished steps (a
+``result.json`` next to their log) are reused unless ``--force``.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import os.path as osp
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CFG_DIR = osp.join(ROOT, 'configs', 'repvgg_fmnist')
+METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest']
+LABELS = {'fp': 'FP (multi-branch)', 'ptq': 'PTQ (merged)', 'lsq': 'LSQ baseline',
+          'repq-bn': 'RepQ-BN', 'repq-bnest': 'RepQ-BNEst'}
+ACC_RE = re.compile(r'accuracy/top1:\s*([0-9.]+)')
+QUICK = ['train_dataloader.dataset.indices=512', 'val_dataloader.dataset.indices=500',
+         'test_dataloader.dataset.indices=500', 'train_cfg.max_epochs=1',
+         'default_hooks.logger.interval=1']
+
+
+def stock_test_tool() -> str:
+    spec = importlib.util.find_spec('mmpretrain')
+    path = osp.join(spec.submodule_search_locations[0], '.mim', 'tools', 'test.py')
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'stock mmpretrain tools/test.py not found at {path}')
+    return path
+
+
+def run(cmd, log_path, label, threads):
+    """Run a command, log its output, show progress; return the output."""
+    os.makedirs(osp.dirname(log_path), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS='ignore')
+    t0 = time.time()
+    print(f'  [{time.strftime("%H:%M:%S")}] {label} ...', flush=True)
+    out = []
+    with open(log_path, 'w', buffering=1) as log, subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) as p:
+        log.write(' '.join(cmd) + '\n')
+        last = 0.0
+        for line in p.stdout:
+            log.write(line)
+            out.append(line)
+            m = re.search(r'(Epoch|Iter)\((train|val|test)\)\s*\[(.*?)\]\s*\[(\d+)/(\d+)\]', line)
+            if m and time.time() - last > 30:
+                last = time.time()
+                print(f'      {m.group(2)} epoch {m.group(3)} iter {m.group(4)}/{m.group(5)} '
+                      f'({time.time() - t0:.0f} s)', flush=True)
+    if p.returncode:
+        tail = ''.join(out[-30:])
+        raise SystemExit(f'{label} failed (exit {p.returncode}); log: {log_path}\n{tail}')
+    print(f'      done in {time.time() - t0:.0f} s', flush=True)
+    return ''.join(out)
+
+
+def accuracy(output: str, what: str) -> float:
+    found = ACC_RE.findall(output)
+    if not found:
+        raise SystemExit(f'no accuracy/top1 in the output of {what}')
+    return float(found[-1])
+
+
+def last_checkpoint(work_dir: str) -> str:
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
+def cached(work_dir, force):
+    path = osp.join(work_dir, 'result.json')
+    if not force and osp.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def save(work_dir, result):
+    with open(osp.join(work_dir, 'result.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def run_fp(args, seed, opts):
+    wd = osp.join(args.work_root, f'seed{seed}', 'fp')
+    res = cached(wd, args.force)
+    if res:
+        print(f'  FP seed {seed}: reusing {wd}')
+        return res
+    py = sys.executable
+    cfg = osp.join(CFG_DIR, 'repvgg-A0w16_fp_fmnist.py')
+    run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options',
+         f'randomness.seed={seed}', *opts], osp.join(wd, 'train.log'),
+        f'train FP RepVGG (seed {seed})', args.threads)
+    ckpt = last_checkpoint(wd)
+    out = run([py, 'tools/test.py', cfg, ckpt, '--work-dir', osp.join(wd, 'test'),
+               '--cfg-options', *opts], osp.join(wd, 'test.log'), 'test FP', args.threads)
+    return save(wd, dict(acc=accuracy(out, 'FP test'), checkpoint=ckpt))
+
+
+def run_quant(args, seed, method, bits, fp_ckpt, opts):
+    name = f'repvgg-A0w16_{method}_w{bits}a{bits}_fmnist'
+    wd = osp.join(args.work_root, f'seed{seed}', f'{method}_w{bits}a{bits}')
+    res = cached(wd, args.force)
+    if res:
+        print(f'  {name} seed {seed}: reusing {wd}')
+        return res
+    py = sys.executable
+    cfg = osp.join(CFG_DIR, name + '.py')
+    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={seed}', *opts]
+    label = f'{LABELS[method]} W{bits}A{bits} (seed {seed})'
+    if method == 'ptq':  # calibrate + evaluate, no training
+        out = run([py, 'tools/test.py', cfg, 'none', '--work-dir', wd,
+                   '--cfg-options', *common], osp.join(wd, 'test.log'), f'{label}: calibrate '
+                  '+ test', args.threads)
+        return save(wd, dict(acc=accuracy(out, label)))
+    run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options',
+         *common], osp.join(wd, 'train.log'), f'{label}: QAT', args.threads)
+    ckpt = last_checkpoint(wd)
+    out = run([py, 'tools/test.py', cfg, ckpt, '--work-dir', osp.join(wd, 'test'),
+               '--cfg-options', *common], osp.join(wd, 'test.log'), f'{label}: test QAT',
+              args.threads)
+    res = dict(acc=accuracy(out, label), checkpoint=ckpt)
+    if method != 'lsq' or args.merge_all:
+        mdir = osp.join(wd, 'merged')
+        out = run([py, 'tools/merge_quant.py', cfg, ckpt, mdir, '--overwrite',
+                   '--cfg-options', *common], osp.join(wd, 'merge.log'),
+                  f'{label}: merge_quant', args.threads)
+        print('      ' + '\n      '.join(l for l in out.splitlines() if 'max' in l.lower())[-400:])
+        out = run([py, stock_test_tool(), osp.join(mdir, 'deploy_config.py'),
+                   osp.join(mdir, 'merged.pth'), '--work-dir', osp.join(mdir, 'test'),
+                   *(['--cfg-options', *opts] if opts else [])],
+                  osp.join(wd, 'test_merged.log'), f'{label}: stock mmpretrain test of the '
+                  'merged model', args.threads)
+        res['merged_acc'] = accuracy(out, label + ' merged')
+    return save(wd, res)
+
+
+def fmt(values):
+    if not values:
+        return '–'
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def table(results, seeds, bits_list):
+    lines = [f'| method | ' + ' | '.join(f'W{b}A{b} top-1 (%)' for b in bits_list) +
+             ' | ' + ' | '.join(f'W{b}A{b} merged, stock test (%)' for b in bits_list) + ' |',
+             '|---' * (1 + 2 * len(bits_list)) + '|']
+    fp = [results[s]['fp']['acc'] for s in seeds]
+    lines.append(f'| {LABELS["fp"]} | ' + ' | '.join(fmt(fp) for _ in bits_list) + ' | ' +
+                 ' | '.join('–' for _ in bits_list) + ' |')
+    for m in METHODS:
+        if not any((m, b) in results[s] for s in seeds for b in bits_list):
+            continue
+        accs = [fmt([results[s][(m, b)]['acc'] for s in seeds if (m, b) in results[s]])
+                for b in bits_list]
+        merged = [fmt([results[s][(m, b)]['merged_acc'] for s in seeds
+                       if 'merged_acc' in results[s].get((m, b), {})]) for b in bits_list]
+        lines.append(f'| {LABELS[m]} | ' + ' | '.join(accs) + ' | ' + ' | '.join(merged) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--seeds', type=int, nargs='+', default=[0])
+    ap.add_argument('--bits', type=int, nargs='+', default=[8, 4])
+    ap.add_argument('--methods', nargs='*', default=METHODS, choices=METHODS)
+    ap.add_argument('--work-root', default=osp.join(ROOT, 'work_dirs', 'fmnist'))
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--quick', action='store_true',
+                    help='512 training images, 1 epoch, 500 test images (smoke test)')
+    ap.add_argument('--merge-all', action='store_true', help='also merge the LSQ baseline')
+    ap.add_argument('--force', action='store_true', help='recompute finished steps')
+    args = ap.parse_args(argv)
+    opts = QUICK if args.quick else []
+    t0 = time.time()
+    results = {}
+    for seed in args.seeds:
+        print(f'== seed {seed}', flush=True)
+        r = results[seed] = {'fp': run_fp(args, seed, opts)}
+        print(f'  FP top-1 {r["fp"]["acc"]:.2f}', flush=True)
+        for bits in args.bits:
+            for m in args.methods:
+                r[(m, bits)] = run_quant(args, seed, m, bits, r['fp']['checkpoint'], opts)
+                msg = f'  {LABELS[m]} W{bits}A{bits}: top-1 {r[(m, bits)]["acc"]:.2f}'
+                if 'merged_acc' in r[(m, bits)]:
+                    msg += f' (merged, stock test: {r[(m, bits)]["merged_acc"]:.2f})'
+                print(msg, flush=True)
+    md = table(results, args.seeds, args.bits)
+    head = (f'Fashion-MNIST test top-1, seeds {args.seeds}'
+            f'{" (QUICK smoke run)" if args.quick else ""}, {time.time() - t0:.0f} s\n\n')
+    print('\n' + head + md)
+    os.makedirs(args.work_root, exist_ok=True)
+    with open(osp.join(args.work_root, 'results.md'), 'w') as f:
+        f.write(head + md + '\n')
+    with open(osp.join(args.work_root, 'results.json'), 'w') as f:
+        json.dump({str(s): {('fp' if k == 'fp' else f'{k[0]}_w{k[1]}a{k[1]}'): v
+                            for k, v in r.items()} for s, r in results.items()}, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
