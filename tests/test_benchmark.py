@@ -1,0 +1,137 @@
+"""Smoke test of tools/analysis_tools/benchmark.py and the pure-torch RepVGGNet.
+
+Tiny sizes (a width-reduced RepVGGNet, input 16, batch 2, 1 warm-up, 2 repeats, 1 thread):
+checks that the Markdown and JSON outputs name every variant with finite positive times,
+and that RepVGGNet's train form and its deployed form agree in eval mode.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repq_mm.models import RepVGGNet
+from repq_mm.rep import RepVGGBlock
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--model', 'A0', '--width-multiplier', '0.125,0.25', '--num-blocks', '1,2,1,1',
+        '--num-classes', '10', '--input-size', '16', '--batch-size', '2', '--warmup', '1',
+        '--repeats', '2', '--threads', '1', '--quiet']
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        'repq_benchmark', ROOT / 'tools' / 'analysis_tools' / 'benchmark.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_stats(rec):
+    for k in ('median', 'q1', 'q3', 'min', 'max'):
+        assert math.isfinite(rec[k]) and rec[k] > 0, (k, rec)
+    assert rec['min'] <= rec['q1'] <= rec['median'] <= rec['q3'] <= rec['max']
+
+
+def test_benchmark_main_outputs(tmp_path):
+    tool = _tool()
+    threads = torch.get_num_threads()
+    try:
+        res = tool.main(TINY + ['--out-dir', str(tmp_path), '--memory', 'off', '--profile',
+                                '--profile-variant', 'repq_est'])
+    finally:
+        torch.set_num_threads(threads)
+    md = (tmp_path / 'results.md').read_text()
+    js = json.loads((tmp_path / 'results.json').read_text())
+    assert js['meta']['command'] and js['meta']['torch'] == torch.__version__
+    assert js['meta']['torch_threads'] == 1
+    for v in tool.DEFAULT_TRAIN:
+        assert f'`{v}`' in md
+        _check_stats(js['train'][v])
+        assert len(js['train'][v]['samples']) == 2
+        assert math.isfinite(js['train'][v]['final_loss'])
+    for v in ('fp_train_form', 'fp_deploy', 'repq_eval', 'q_deploy'):
+        assert f'`{v}`' in md
+        _check_stats(js['infer'][v])
+        assert js['infer'][v]['throughput'] > 0
+    assert js['infer']['fp_deploy']['max_rel_err_vs_train_form'] < 1e-4
+    for v in ('to_deploy_fp', 'merge_model_fp', 'to_deploy_repq'):
+        assert f'`{v}`' in md
+        _check_stats(js['merge'][v])
+    att = js['profile']['repq_est']
+    assert att['wall_ms'] > 0 and att['categories_ms']
+    assert any(it['ctx'] == 'lsq::act' for it in att['items'])
+    assert (tmp_path / 'profile_repq_est.txt').exists()
+    assert res['train'].keys() == js['train'].keys()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / 'results.png').stat().st_size > 0
+
+
+def test_benchmark_block_model(tmp_path):
+    tool = _tool()
+    threads = torch.get_num_threads()
+    try:
+        res = tool.main(['--model', 'block', '--channels', '8', '--input-size', '16',
+                         '--batch-size', '2', '--warmup', '1', '--repeats', '2', '--threads',
+                         '1', '--skip-merge', '--skip-infer', '--quiet',
+                         '--variants', 'repq_est_noquant',
+                         '--no-convert', '--out-dir', str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(res['train']) == ['repq_est_noquant']
+    for rec in res['train'].values():
+        _check_stats(rec)
+        # peak-RSS delta of one step, measured in a subprocess per variant
+        mem = rec.get('mem')
+        assert mem is not None and mem['peak_bytes'] > 0 and mem['delta_bytes'] >= 0
+    assert '`repq_est_noquant`' in (tmp_path / 'results.md').read_text()
+
+
+def test_mmpretrain_spec_skips_cleanly(tmp_path, monkeypatch):
+    tool = _tool()
+    monkeypatch.setitem(sys.modules, 'mmpretrain', None)     # as if not installed
+    res = tool.main(['--model', 'mmpretrain:A0', '--quiet', '--out-dir', str(tmp_path)])
+    assert res['skipped'] and 'not importable' in res['notes'][0]
+    assert (tmp_path / 'results.json').exists()
+
+
+@pytest.mark.parametrize('arch', ['A0', 'B0'])
+def test_repvggnet_train_form_matches_deploy(arch):
+    torch.manual_seed(0)
+    net = RepVGGNet(arch, num_classes=7, width_multiplier=(0.125, 0.25),
+                    num_blocks=(1, 2, 2, 1))
+    # non-trivial BN statistics so the fold is exercised
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    deployed = net.deploy()
+    assert not any(isinstance(m, RepVGGBlock) for m in deployed.modules())
+    with torch.no_grad():
+        a, b = net(x), deployed(x)
+    assert a.shape == (2, 7)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_repvggnet_a0_layout():
+    net = RepVGGNet('A0')
+    assert [len(s) for s in net.stages] == [2, 4, 14, 1]
+    assert net.stem.out_channels == 48 and net.out_channels == 1280
+    assert [s[0].out_channels for s in net.stages] == [48, 96, 192, 1280]
+    # 9.11M parameters in training form, as mmpretrain reports for RepVGG-A0
+    assert abs(sum(p.numel() for p in net.parameters()) / 1e6 - 9.11) < 0.01
+    # identity branches exactly where in == out and stride 1
+    assert len(net.stem.branches) == 2 and len(net.stages[0][0].branches) == 2
+    assert len(net.stages[0][1].branches) == 3
