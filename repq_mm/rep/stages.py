@@ -41,21 +41,19 @@ class Stage(nn.Module):
     def kernel(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
-    def op(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-precision op on an already padded input (padding 0)."""
+    def op(self, x: torch.Tensor, padding) -> torch.Tensor:
+        """Full-precision op with zero ``padding``."""
         w, b = self.kernel()
-        return F.conv2d(x, w, b, self.stride, 0, 1, self.groups)
+        return F.conv2d(x, w, b, self.stride, padding, 1, self.groups)
 
     def run(self, x: torch.Tensor, pad_value: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-precision forward without BN; pads with ``pad_value`` per channel."""
+        """Full-precision forward without BN; pads with ``pad_value`` per channel
+        (zeros when ``None``)."""
         ph, pw = self.padding
-        if ph or pw:
-            if pad_value is None:
-                x = F.pad(x, (pw, pw, ph, ph))
-            else:
-                c = pad_value.reshape(1, -1, 1, 1)
-                x = F.pad(x - c, (pw, pw, ph, ph)) + c
-        return self.op(x)
+        if pad_value is None or not (ph or pw):
+            return self.op(x, self.padding)
+        c = pad_value.reshape(1, -1, 1, 1)
+        return self.op(F.pad(x - c, (pw, pw, ph, ph)) + c, 0)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
@@ -80,8 +78,8 @@ class ConvStage(Stage):
     def kernel(self):
         return self.weight, self.bias
 
-    def op(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+    def op(self, x, padding):
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, 1, self.groups)
 
 
 class IdentityStage(Stage):
@@ -94,7 +92,7 @@ class IdentityStage(Stage):
     def kernel(self):
         return self._id, None
 
-    def op(self, x):
+    def op(self, x, padding):
         return x
 
 
@@ -110,8 +108,9 @@ class AvgStage(Stage):
     def kernel(self):
         return self._avg, None
 
-    def op(self, x):
-        return F.avg_pool2d(x, self.kernel_size, self.stride, 0)
+    def op(self, x, padding):
+        # zero padding counted in the average = the fixed 1/(kh kw) kernel on a zero-padded map
+        return F.avg_pool2d(x, self.kernel_size, self.stride, padding, count_include_pad=True)
 
 
 class ScaleStage(Stage):
@@ -124,7 +123,7 @@ class ScaleStage(Stage):
     def kernel(self):
         return self.scale.reshape(-1, 1, 1, 1), None
 
-    def op(self, x):
+    def op(self, x, padding):
         return x * self.scale.reshape(1, -1, 1, 1)
 
 
