@@ -1,0 +1,34 @@
+"""OpenMMLab layer of repq_mm: importing it registers everything.
+
+* mmengine's root ``MODELS``: :class:`RepQModel` and the torch-only building blocks (every
+  class in :data:`repq_mm.rep.REP_BLOCKS`, ``QConv2d``, ``QLinear``). Child registries
+  (mmpretrain, mmdet) find them through their parent, so configs of any default scope can
+  use ``type='RepQModel'``.
+* ``HOOKS``: :class:`LSQCalibHook`, :class:`BNEstHook`.
+* ``torch.load(weights_only=True)`` allowlist for mmengine checkpoints
+  (:mod:`repq_mm.mm.checkpoint`).
+
+A config needs only ``custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)``.
+"""
+from mmengine.registry import MODELS
+
+from ..quant import QConv2d, QLinear
+from ..rep import REP_BLOCKS
+from .checkpoint import SAFE_GLOBALS, register_safe_globals, safe_load, state_dict_of
+from .hooks import (BNEstHook, LSQCalibHook, calibrate_lsq, reestimate_bn, set_bn_mode,
+                    step_stats)
+from .model import REPQ_DEFAULTS, RepQModel, check_repq_cfg, wrap_config
+
+
+def _register_modules() -> None:
+    for cls in (*REP_BLOCKS.values(), QConv2d, QLinear):
+        if MODELS.get(cls.__name__) is not cls and cls.__name__ not in MODELS.module_dict:
+            MODELS.register_module(module=cls)
+
+
+register_safe_globals()
+_register_modules()
+
+__all__ = ['RepQModel', 'wrap_config', 'check_repq_cfg', 'REPQ_DEFAULTS', 'LSQCalibHook',
+           'BNEstHook', 'calibrate_lsq', 'reestimate_bn', 'set_bn_mode', 'step_stats',
+           'SAFE_GLOBALS', 'register_safe_globals', 'safe_load', 'state_dict_of']
