@@ -359,12 +359,17 @@ def set_bn_mode(model: nn.Module, mode: str) -> int:
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, dataloader, num_batches: int,
+def reestimate_bn(model: nn.Module, dataloader, num_batches: int, mode: str | None = None,
                   logger='current') -> int:
     """Re-estimate the running statistics of every BN inside a rep block.
 
+    ``mode``: the statistics to average: ``None`` (default) keeps every block's own
+    ``bn_mode``, i.e. the statistics the network was trained to be normalised with (a model
+    trained with BNEst keeps estimated statistics: exact ones would change the deployed
+    normalisation by up to the estimation error); ``'exact'`` / ``'est'`` force one.
+
     Resets them, sets ``momentum=None`` (cumulative average), runs ``num_batches`` batches
-    with the rep blocks in train mode and ``bn_mode='exact'`` (exact batch statistics;
+    with the rep blocks in train mode and that ``bn_mode`` (batch statistics;
     everything else in eval mode, quantizers as they are) under ``torch.no_grad()``, then
     averages the statistics over ranks and restores momentum, ``bn_mode`` and train/eval
     modes. Parameters (weights, LSQ step sizes) do not change. A BN that saw no batch keeps
@@ -391,7 +396,8 @@ def reestimate_bn(model: nn.Module, dataloader, num_batches: int,
         model.eval()
         for blk in blocks:
             blk.train()
-            blk.bn_mode = 'exact'
+            if mode is not None:
+                blk.bn_mode = mode
         clear_weight_caches(model)
         done = _run_batches(model, dataloader, num_batches)
     except BaseException:
@@ -443,11 +449,18 @@ class BNEstHook(Hook):
         reestimate_batches: after the last training iteration (before the final checkpoint
             and validation), re-estimate the running statistics of every rep block's BNs over
             this many training batches (:func:`reestimate_bn`); 0 / ``None``: no.
+        reestimate_mode: statistics used for the re-estimation: ``None`` (each block's
+            current ``bn_mode``, the one it was trained with), ``'exact'`` or ``'est'``.
     """
 
     priority = 'NORMAL'
 
-    def __init__(self, phases=None, reestimate_batches: int | None = None):
+    def __init__(self, phases=None, reestimate_batches: int | None = None,
+                 reestimate_mode: str | None = None):
+        if reestimate_mode not in (None,) + BN_MODES:
+            raise ValueError(f'reestimate_mode must be None or one of {BN_MODES}, got '
+                             f'{reestimate_mode!r}')
+        self.reestimate_mode = reestimate_mode
         self.phases = []
         for p in phases or []:
             if not isinstance(p, (list, tuple)) or len(p) != 2:
@@ -487,7 +500,8 @@ class BNEstHook(Hook):
         if self._reestimated or not self.reestimate_batches:
             return
         self._reestimated = True
-        reestimate_bn(runner.model, runner.train_dataloader, self.reestimate_batches)
+        reestimate_bn(runner.model, runner.train_dataloader, self.reestimate_batches,
+                      self.reestimate_mode)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:

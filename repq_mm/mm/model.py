@@ -118,22 +118,6 @@ def _build_architecture(cfg) -> nn.Module:
     return MODELS.build(cfg)
 
 
-def _shape_weight_steps(model: nn.Module) -> None:
-    """Give per-channel weight step sizes their final shape now (values untouched,
-    ``initialized`` stays 0), so the optimizer and DDP see the Parameters that training
-    will use (LSQQuantizer otherwise replaces the Parameter at its first call)."""
-    for m in model.modules():
-        q = getattr(m, 'w_quant', None)
-        if not isinstance(q, LSQQuantizer) or not q.per_channel or q.is_initialized:
-            continue
-        n = getattr(m, 'out_channels', None) or getattr(m, 'out_features', None)
-        if n is None and isinstance(getattr(m, 'weight', None), torch.Tensor):
-            n = m.weight.shape[q.ch_axis]
-        if n and q.step.numel() != n:
-            q.step = nn.Parameter(torch.ones(n, device=q.step.device, dtype=q.step.dtype),
-                                  requires_grad=q.step.requires_grad)
-
-
 def load_float_checkpoint(module: nn.Module, filename: str, strict: bool = True) -> None:
     """Load a float checkpoint (mmengine / mmpretrain / a RepQModel of method 'fp') into
     ``module`` before conversion: ``state_dict`` unwrapped, ``module.`` (DDP) and
@@ -226,7 +210,6 @@ class RepQModel(BaseModel):
             arch = merge_model(arch, inplace=True)
         if method != 'fp':
             arch = convert_to_repq(arch, inplace=True, **kwargs)
-            _shape_weight_steps(arch)
         if repq['deploy']:
             arch = merge_model(arch, inplace=True)
         return arch

@@ -52,9 +52,10 @@ class QConfig:
     def replace(self, **kw) -> 'QConfig':
         return QConfig(**{**self.to_dict(), **kw})
 
-    def weight_quantizer(self) -> LSQQuantizer:
+    def weight_quantizer(self, out_channels: int | None = None) -> LSQQuantizer:
         return LSQQuantizer(self.w_bits, signed=True, per_channel=self.per_channel, ch_axis=0,
-                            symmetric=self.symmetric, impl=self.impl)
+                            symmetric=self.symmetric, impl=self.impl,
+                            num_channels=out_channels)
 
     def act_quantizer(self) -> LSQQuantizer:
         return LSQQuantizer(self.a_bits, signed=self.act_signed, per_channel=False,

@@ -53,7 +53,7 @@ class QConv2d(nn.Conv2d, _EvalWeightCache):
                              f'{conv.padding_mode!r}')
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                 conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                w_quant=qcfg.weight_quantizer(), a_quant=qcfg.act_quantizer(),
+                w_quant=qcfg.weight_quantizer(conv.out_channels), a_quant=qcfg.act_quantizer(),
                 device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             q.weight.copy_(conv.weight)
@@ -91,7 +91,7 @@ class QLinear(nn.Linear, _EvalWeightCache):
     @classmethod
     def from_float(cls, fc: nn.Linear, qcfg: QConfig) -> 'QLinear':
         q = cls(fc.in_features, fc.out_features, fc.bias is not None,
-                w_quant=qcfg.weight_quantizer(), a_quant=qcfg.act_quantizer(),
+                w_quant=qcfg.weight_quantizer(fc.out_features), a_quant=qcfg.act_quantizer(),
                 device=fc.weight.device, dtype=fc.weight.dtype)
         with torch.no_grad():
             q.weight.copy_(fc.weight)

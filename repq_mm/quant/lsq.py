@@ -120,6 +120,8 @@ class LSQQuantizer(nn.Module):
         ch_axis: channel axis for ``per_channel``.
         symmetric: signed range ``[-Q_P, Q_P]`` instead of ``[-Q_N, Q_P]``.
         impl: ``'fused'`` (default, PyTorch kernels) or ``'reference'``.
+        num_channels: number of step sizes for ``per_channel`` (known at construction so the
+            optimizer and DDP see the final Parameter; else fixed at the first call).
 
     The step size is initialised on the first forward call from the tensor it sees
     (``s0 = 2 mean|v| / sqrt(Q_P)``; per channel: per slice). Under ``torch.distributed``
@@ -141,7 +143,8 @@ class LSQQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int = 8, signed: bool | str = True, per_channel: bool = False,
-                 ch_axis: int = 0, symmetric: bool = False, impl: str = 'fused'):
+                 ch_axis: int = 0, symmetric: bool = False, impl: str = 'fused',
+                 num_channels: int | None = None):
         super().__init__()
         self.bits = check_bits(bits)
         if signed not in (True, False, 'auto'):
@@ -154,8 +157,9 @@ class LSQQuantizer(nn.Module):
         self.symmetric = symmetric
         self.impl = impl
         self.enabled = True
-        # step size; per-channel shape is fixed at the first call (lazy) or by load_state_dict
-        self.step = nn.Parameter(torch.ones(1))
+        # step size; without num_channels a per-channel shape is fixed at the first call
+        self.step = nn.Parameter(torch.ones(num_channels if per_channel and num_channels
+                                            else 1))
         self.register_buffer('initialized', torch.zeros((), dtype=torch.uint8))
         self.register_buffer('signed', torch.tensor(int(signed is True), dtype=torch.uint8))
         self._init_cache: bool | None = None
@@ -165,7 +169,8 @@ class LSQQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + 'step'
         if key in state_dict and state_dict[key].shape != self.step.shape:
-            self.step = nn.Parameter(torch.empty_like(state_dict[key], device=self.step.device))
+            # keep the Parameter object (optimizers / DDP may hold it), change its shape
+            self.step.data = torch.empty_like(state_dict[key], device=self.step.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._init_cache = self._signed_cache = None
 
@@ -220,7 +225,7 @@ class LSQQuantizer(nn.Module):
             mean_abs /= world
         s0 = (2 * mean_abs / math.sqrt(qp)).clamp(min=1e-6)
         if self.step.shape != s0.shape:
-            self.step = nn.Parameter(s0.to(self.step.device))
+            self.step.data = s0.to(self.step)     # same Parameter object, new shape
         else:
             self.step.copy_(s0)
         self.initialized.fill_(1)

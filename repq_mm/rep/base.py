@@ -241,7 +241,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
         self.repq = True
         self.bn_mode = qcfg.bn_mode
         if quantize:
-            self.w_quant = qcfg.weight_quantizer()
+            self.w_quant = qcfg.weight_quantizer(self.out_channels)
             self.a_quant = qcfg.act_quantizer()
         return self
 
