@@ -409,3 +409,20 @@ def test_mobileone_branch_order():
                      ('IdentityStage', (1, 1))]
     blk = MobileOneBlock(4, 8, stride=2, groups=4, use_scale=False)
     assert len(blk.branches) == 1
+
+
+def test_channel_var_mean_gradient():
+    """The custom one-pass backward equals autograd's through torch.var_mean."""
+    from repq_mm.rep.stats import channel_var_mean
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    gv, gm = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    var, mean, n = channel_var_mean(x)
+    assert n == 90
+    g1, = torch.autograd.grad((var * gv).sum() + (mean * gm).sum(), x)
+    var2, mean2 = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    g2, = torch.autograd.grad((var2 * gv).sum() + (mean2 * gm).sum(), x)
+    assert torch.allclose(var, var2) and torch.allclose(mean, mean2)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: channel_var_mean(t)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: channel_var_mean(t)[1], (x,))

@@ -16,6 +16,28 @@ def wants_sync(bn: nn.Module | None) -> bool:
     return isinstance(bn, nn.SyncBatchNorm) and _world() > 1
 
 
+class _ChannelVarMean(torch.autograd.Function):
+    """``torch.var_mean`` over (N, H, W) with a one-pass backward
+    ``dx = (g_mean + 2 g_var (x - mean)) / n`` (autograd's generic one is ~2x slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx, g_var, g_mean):
+        x, mean = ctx.saved_tensors
+        n = x.numel() // x.shape[1]
+        shape = (1, -1, 1, 1)
+        if g_var is None:
+            return (g_mean / n).reshape(shape).expand_as(x).clone()
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        return torch.addcmul((g_mean / n).reshape(shape), x - mean.reshape(shape),
+                             (2.0 / n * g_var).reshape(shape))
+
+
 def channel_var_mean(y: torch.Tensor, sync: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel biased variance and mean of ``y`` (N, C, H, W) over (N, H, W).
@@ -26,7 +48,10 @@ def channel_var_mean(y: torch.Tensor, sync: bool = False
     c = y.shape[1]
     n = y.numel() // c
     if not sync:
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        if y.requires_grad and torch.is_grad_enabled():
+            var, mean = _ChannelVarMean.apply(y)
+        else:
+            var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
         return var, mean, n
     from torch.distributed.nn.functional import all_reduce
     packed = torch.cat([y.sum(dim=(0, 2, 3)), (y * y).sum(dim=(0, 2, 3)),
