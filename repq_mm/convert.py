@@ -384,7 +384,8 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
                     act_signed: bool | str = 'auto', symmetric: bool = False,
                     impl: str = 'fused', quantize: bool = True, quantize_plain: bool = True,
                     skip: Iterable[str] = (), inplace: bool = True,
-                    qcfg: QConfig | None = None) -> nn.Module:
+                    qcfg: QConfig | None = None, est_refresh: int = 0,
+                    init: str = 'lsq') -> nn.Module:
     """Convert ``model`` for RepQ quantization-aware training.
 
     1. Foreign rep blocks (:data:`FOREIGN_BLOCKS`: mmpretrain ``RepVGGBlock`` /
@@ -402,7 +403,8 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
         model: any module (a rep block or conv at the root is replaced too).
         w_bits, a_bits: weight / activation bit widths (2..8).
         bn_mode: ``'exact'`` (RepQ-BN) or ``'est'`` (RepQ-BNEst).
-        per_channel, act_signed, symmetric, impl: see :class:`~repq_mm.quant.QConfig`.
+        per_channel, act_signed, symmetric, impl, est_refresh, init: see
+            :class:`~repq_mm.quant.QConfig`.
         first_bits, last_bits: bit width (weights and activations) of the first and the
             last quantized layer in registration order (``None``: as the rest). When one
             layer is both, ``last_bits`` wins.
@@ -411,7 +413,8 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
         skip: module names or ``fnmatch`` patterns left untouched, with their children.
         inplace: modify ``model`` (``False``: work on a deep copy).
         qcfg: a full :class:`QConfig`; when given it replaces ``w_bits``, ``a_bits``,
-            ``bn_mode``, ``per_channel``, ``act_signed``, ``symmetric`` and ``impl``.
+            ``bn_mode``, ``per_channel``, ``act_signed``, ``symmetric``, ``impl``,
+            ``est_refresh`` and ``init``.
 
     Returns:
         The converted model (the same object when ``inplace`` unless the root was replaced).
@@ -443,7 +446,8 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
                 raise ValueError(f'{arg}: {e}') from None
     if qcfg is None:
         qcfg = QConfig(w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, bn_mode=bn_mode,
-                       act_signed=act_signed, symmetric=symmetric, impl=impl)
+                       act_signed=act_signed, symmetric=symmetric, impl=impl,
+                       est_refresh=est_refresh, init=init)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if not inplace:
         model = copy.deepcopy(model)

@@ -220,8 +220,8 @@ def run_recording(block, x, mode):
     rec = []
     orig = blk._stats
 
-    def spy(bn, m, h, W, B, moments):
-        mean, var = orig(bn, m, h, W, B, moments)
+    def spy(bn, m, h, W, B, moments, refresh=False):
+        mean, var = orig(bn, m, h, W, B, moments, refresh)
         rec.append((mean.detach(), var.detach()))
         return mean, var
     blk._stats = spy
@@ -426,3 +426,24 @@ def test_channel_var_mean_gradient():
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: channel_var_mean(t)[0], (x,))
     assert torch.autograd.gradcheck(lambda t: channel_var_mean(t)[1], (x,))
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_bnest_periodic_correction(case):
+    """est_refresh=k: every k-th step uses (and learns from) exact statistics; on the same
+    input the corrected estimate then reproduces the exact statistics."""
+    block, x, _ = build(case)
+    if not block.bns():
+        pytest.skip('no BN')
+    block.train()
+    ref = copy.deepcopy(block).enable_repq(QConfig(bn_mode='exact'), quantize=False)
+    blk = copy.deepcopy(block).enable_repq(QConfig(bn_mode='est', est_refresh=3),
+                                           quantize=False)
+    y_exact = ref(x)
+    for step in range(4):   # steps 0 and 3 refresh; 1 and 2 use the corrected estimate
+        y = blk(x)
+        assert_close(y_exact, y, 1e-4, what=f'{case[0]} step {step}')
+    sd = blk.state_dict()
+    assert 'estc_ready' in sd and any(k.endswith('_var_ratio') for k in sd)
+    plain = copy.deepcopy(block).enable_repq(QConfig(bn_mode='est'), quantize=False)
+    assert not any('estc' in k for k in plain.state_dict())

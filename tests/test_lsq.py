@@ -162,3 +162,24 @@ def test_eval_weight_cache_tracks_updates():
         qc.weight.mul_(2)          # in-place update bumps the version: cache must refresh
         y2 = qc(x)
     assert not torch.equal(y1, y2)
+
+
+def test_mse_init_minimises_error():
+    from repq_mm.quant.lsq import mse_step
+    torch.manual_seed(3)
+    x = torch.randn(4096) * 2
+    qn, qp = quant_range(8, True)
+    s = mse_step(x, qn, qp)
+
+    def err(step):
+        return ((torch.round(x / step).clamp(-qn, qp) * step - x) ** 2).sum().item()
+    lsq = 2 * x.abs().mean() / math.sqrt(qp)
+    assert err(s) < err(lsq)
+    # no candidate on a fine grid around it is better by more than the grid resolution
+    assert all(err(s) <= err(s * f) * 1.02 for f in (0.9, 0.95, 1.05, 1.1))
+    q = LSQQuantizer(4, per_channel=True, init='mse', num_channels=3)
+    w = torch.randn(3, 2, 3, 3) * torch.tensor([0.1, 1.0, 10.0]).reshape(3, 1, 1, 1)
+    q(w)
+    assert torch.allclose(q.step.detach(), mse_step(w, 8, 7, 0))
+    with pytest.raises(ValueError, match='init'):
+        LSQQuantizer(8, init='max')

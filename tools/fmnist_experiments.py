@@ -27,9 +27,10 @@ import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CFG_DIR = osp.join(ROOT, 'configs', 'repvgg_fmnist')
-METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest']
+METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc']
 LABELS = {'fp': 'FP (multi-branch)', 'ptq': 'PTQ (merged)', 'lsq': 'LSQ baseline',
-          'repq-bn': 'RepQ-BN', 'repq-bnest': 'RepQ-BNEst'}
+          'repq-bn': 'RepQ-BN', 'repq-bnest': 'RepQ-BNEst',
+          'repq-bnestc': 'RepQ-BNEst + correction every 8 steps (ours)'}
 ACC_RE = re.compile(r'accuracy/top1:\s*([0-9.]+)')
 QUICK = ['train_dataloader.dataset.indices=512', 'val_dataloader.dataset.indices=500',
          'test_dataloader.dataset.indices=500', 'train_cfg.max_epochs=1',
@@ -97,6 +98,21 @@ def save(work_dir, result):
     return result
 
 
+def cfg_opts(opts):
+    return ['--cfg-options', *opts] if opts else []
+
+
+def train(cmd, wd, label, threads):
+    """Run a training command unless a previous run of it finished (``train_done``)."""
+    done = osp.join(wd, 'train_done')
+    if osp.isfile(done):
+        print(f'  {label}: reusing the finished training in {wd}')
+    else:
+        run(cmd, osp.join(wd, 'train.log'), label, threads)
+        open(done, 'w').close()
+    return last_checkpoint(wd)
+
+
 def run_fp(args, seed, opts):
     wd = osp.join(args.work_root, f'seed{seed}', 'fp')
     res = cached(wd, args.force)
@@ -105,12 +121,11 @@ def run_fp(args, seed, opts):
         return res
     py = sys.executable
     cfg = osp.join(CFG_DIR, 'repvgg-A0w16_fp_fmnist.py')
-    run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options',
-         f'randomness.seed={seed}', *opts], osp.join(wd, 'train.log'),
-        f'train FP RepVGG (seed {seed})', args.threads)
-    ckpt = last_checkpoint(wd)
+    ckpt = train([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options',
+                  f'randomness.seed={seed}', *opts], wd, f'train FP RepVGG (seed {seed})',
+                 args.threads)
     out = run([py, 'tools/test.py', cfg, ckpt, '--work-dir', osp.join(wd, 'test'),
-               '--cfg-options', *opts], osp.join(wd, 'test.log'), 'test FP', args.threads)
+               *cfg_opts(opts)], osp.join(wd, 'test.log'), 'test FP', args.threads)
     return save(wd, dict(acc=accuracy(out, 'FP test'), checkpoint=ckpt))
 
 
@@ -130,9 +145,8 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
                    '--cfg-options', *common], osp.join(wd, 'test.log'), f'{label}: calibrate '
                   '+ test', args.threads)
         return save(wd, dict(acc=accuracy(out, label)))
-    run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options',
-         *common], osp.join(wd, 'train.log'), f'{label}: QAT', args.threads)
-    ckpt = last_checkpoint(wd)
+    ckpt = train([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options', *common], wd,
+                 f'{label}: QAT', args.threads)
     out = run([py, 'tools/test.py', cfg, ckpt, '--work-dir', osp.join(wd, 'test'),
                '--cfg-options', *common], osp.join(wd, 'test.log'), f'{label}: test QAT',
               args.threads)
@@ -145,7 +159,7 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
         print('      ' + '\n      '.join(l for l in out.splitlines() if 'max' in l.lower())[-400:])
         out = run([py, stock_test_tool(), osp.join(mdir, 'deploy_config.py'),
                    osp.join(mdir, 'merged.pth'), '--work-dir', osp.join(mdir, 'test'),
-                   *(['--cfg-options', *opts] if opts else [])],
+                   *cfg_opts(opts)],
                   osp.join(wd, 'test_merged.log'), f'{label}: stock mmpretrain test of the '
                   'merged model', args.threads)
         res['merged_acc'] = accuracy(out, label + ' merged')

@@ -4,7 +4,10 @@
   class in :data:`repq_mm.rep.REP_BLOCKS`, ``QConv2d``, ``QLinear``). Child registries
   (mmpretrain, mmdet) find them through their parent, so configs of any default scope can
   use ``type='RepQModel'``.
-* ``HOOKS``: :class:`LSQCalibHook`, :class:`BNEstHook`.
+* ``HOOKS``: :class:`LSQCalibHook`, :class:`BNEstHook`, :class:`NonFiniteCheckHook`.
+* ``MODEL_WRAPPERS``: :class:`CPUCompatibleDDP` (DDP on CPU ranks, see :mod:`.ddp`).
+* mmdet's ``MODELS`` (only when mmdet is installed): the detector backbones / necks of
+  :mod:`repq_mm.mm.det` (``EfficientRep``, ``RepPAN``, ``ELANNet``, ``ELANPAN``).
 * ``torch.load(weights_only=True)`` allowlist for mmengine checkpoints
   (:mod:`repq_mm.mm.checkpoint`).
 
@@ -15,6 +18,7 @@ from mmengine.registry import MODELS
 from ..quant import QConv2d, QLinear
 from ..rep import REP_BLOCKS
 from .checkpoint import SAFE_GLOBALS, register_safe_globals, safe_load, state_dict_of
+from .ddp import CPUCompatibleDDP, setup_cpu_distributed
 from .hooks import (BNEstHook, LSQCalibHook, calibrate_lsq, reestimate_bn, set_bn_mode,
                     step_stats)
 from .model import REPQ_DEFAULTS, RepQModel, check_repq_cfg, wrap_config
@@ -29,6 +33,15 @@ def _register_modules() -> None:
 register_safe_globals()
 _register_modules()
 
+# detection parts (mmdet's MODELS), only where mmdet is installed and importable
+try:
+    import mmdet.registry  # noqa: F401
+except (ImportError, AssertionError):   # not installed / mmcv version it refuses
+    pass
+else:
+    from . import det  # noqa: F401
+
 __all__ = ['RepQModel', 'wrap_config', 'check_repq_cfg', 'REPQ_DEFAULTS', 'LSQCalibHook',
            'BNEstHook', 'calibrate_lsq', 'reestimate_bn', 'set_bn_mode', 'step_stats',
-           'SAFE_GLOBALS', 'register_safe_globals', 'safe_load', 'state_dict_of']
+           'SAFE_GLOBALS', 'register_safe_globals', 'safe_load', 'state_dict_of',
+           'CPUCompatibleDDP', 'setup_cpu_distributed']

@@ -156,8 +156,12 @@ def _check_out_dir(out_dir: str, fingerprint: str, overwrite: bool) -> None:
                          '--overwrite to replace it')
 
 
-def _build(model_cfg) -> nn.Module:
-    return MODELS.build(copy.deepcopy(model_cfg))
+def _build(model_cfg, cfg=None) -> nn.Module:
+    model_cfg = copy.deepcopy(model_cfg)
+    if cfg is not None and cfg.get('data_preprocessor', None) is not None:
+        # a top-level data_preprocessor, as mmengine's Runner passes it
+        model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
+    return MODELS.build(model_cfg)
 
 
 def _dataloader(cfg):
@@ -202,7 +206,7 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     # the QAT model with the checkpoint's weights (init_checkpoint is not needed)
     qat_cfg = copy.deepcopy(model_cfg)
     qat_cfg['init_checkpoint'] = None
-    qat = _build(qat_cfg)
+    qat = _build(qat_cfg, cfg)
     ck = safe_load(checkpoint)
     qat.load_state_dict(state_dict_of(ck), strict=True)
     qat.eval()
@@ -213,7 +217,7 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     deploy_model_cfg = copy.deepcopy(model_cfg)
     deploy_model_cfg['repq'] = {**repq, 'deploy': True}
     deploy_model_cfg['init_checkpoint'] = None
-    rebuilt = _build(deploy_model_cfg)
+    rebuilt = _build(deploy_model_cfg, cfg)
     state = deploy.state_dict()
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.eval()

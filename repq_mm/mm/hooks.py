@@ -21,7 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..quant import BN_MODES, LSQQuantizer, quant_range
+from ..quant.lsq import mse_step
 from ..rep import RepBlock
+
+#: activation values per batch kept for the MSE step search (init='mse')
+MSE_SAMPLES = 1 << 16
 
 
 # --------------------------------------------------------------------------------------
@@ -142,15 +146,24 @@ def calibrate_lsq(model: nn.Module, dataloader, num_batches: int = 1,
     summary = dict(weight=0, act=0, batches=0, missed=[])
     if not todo:
         return summary
-    acc = {id(q): [0.0, 0, False, None] for _, q, _ in todo}   # sum, count, neg, per-ch sum
+    # per quantizer: sum, count, neg, per-channel sum, then MSE samples (init='mse')
+    acc = {id(q): [0.0, 0, False, None] for _, q, _ in todo}
 
     def weight_hook(q, args):
         if not q.is_initialized:
             q.initialize(args[0])
 
+    gen = torch.Generator().manual_seed(0)
+
     def act_hook(q, args):
         x = args[0].detach().float()
         a = acc[id(q)]
+        if q.init_method == 'mse':   # keep a fixed-size random sample for the MSE search
+            flat = x.reshape(-1)
+            if flat.numel() > MSE_SAMPLES:
+                idx = torch.randint(flat.numel(), (MSE_SAMPLES,), generator=gen)
+                flat = flat[idx.to(flat.device)]
+            a.append(flat.cpu())
         if q.per_channel:
             dims = [d for d in range(x.dim()) if d != q.ch_axis % x.dim()]
             m = x.abs().mean(dim=dims)
@@ -201,18 +214,25 @@ def calibrate_lsq(model: nn.Module, dataloader, num_batches: int = 1,
                 q.signed.fill_(int(neg > 0))
                 q._signed_cache = None
             _, qp = quant_range(q.bits, q.is_signed, q.symmetric)
-            if q.per_channel:
-                m = acc[id(q)][3]
-                m = m.to(q.step.device) if m is not None else None
+            if q.init_method == 'mse' and not q.per_channel:
+                qn, _ = quant_range(q.bits, q.is_signed, q.symmetric)
+                s0 = mse_step(torch.cat(acc[id(q)][4:]), qn, qp).to(q.step)
                 if world > 1:
-                    m = m if m is not None else torch.zeros_like(q.step)
-                    all_reduce(m, op='sum')
-                mean_abs = m / count
+                    all_reduce(s0, op='mean')
+                s0 = s0.clamp(min=1e-6)
             else:
-                mean_abs = torch.full((1,), total / count)
-            s0 = (2 * mean_abs / math.sqrt(qp)).clamp(min=1e-6).to(q.step)
+                if q.per_channel:
+                    m = acc[id(q)][3]
+                    m = m.to(q.step.device) if m is not None else None
+                    if world > 1:
+                        m = m if m is not None else torch.zeros_like(q.step)
+                        all_reduce(m, op='sum')
+                    mean_abs = m / count
+                else:
+                    mean_abs = torch.full((1,), total / count)
+                s0 = (2 * mean_abs / math.sqrt(qp)).clamp(min=1e-6).to(q.step)
             if q.step.shape != s0.shape:
-                q.step = nn.Parameter(s0, requires_grad=q.step.requires_grad)
+                q.step.data = s0          # keep the Parameter object the optimizer holds
             else:
                 q.step.copy_(s0)
             q.initialized.fill_(1)

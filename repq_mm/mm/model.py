@@ -41,6 +41,8 @@ REPQ_DEFAULTS = dict(
     skip=(),
     deploy=False,
     impl='fused',           # 'fused' | 'reference' (LSQ implementation)
+    est_refresh=0,          # BNEst: exact statistics every k steps correct the estimate
+    init='lsq',             # step init: 'lsq' (paper) | 'mse' (min quantization error)
 )
 METHODS = ('repq', 'lsq', 'ptq', 'fp')
 
@@ -205,7 +207,7 @@ class RepQModel(BaseModel):
         method = repq['method']
         kwargs = {k: repq[k] for k in ('w_bits', 'a_bits', 'bn_mode', 'per_channel',
                                        'first_bits', 'last_bits', 'act_signed', 'symmetric',
-                                       'impl', 'skip')}
+                                       'impl', 'skip', 'est_refresh', 'init')}
         if method in ('lsq', 'ptq'):
             arch = merge_model(arch, inplace=True)
         if method != 'fp':

@@ -22,6 +22,12 @@ class QConfig:
         act_signed: ``True``, ``False`` or ``'auto'``.
         symmetric: symmetric signed weight range ``[-Q_P, Q_P]``.
         impl: ``'fused'`` (PyTorch kernels) or ``'reference'`` (paper formulas).
+        init: step-size initialisation, ``'lsq'`` (the paper's rule) or ``'mse'``
+            (minimum quantization error on the first tensor / calibration batches).
+        est_refresh: RepQ-BNEst with periodic correction: every ``est_refresh`` training
+            steps a block computes exact batch statistics too (the RepQ-BN pass) and learns
+            a per-channel correction of the estimate (variance ratio, mean shift in units
+            of sigma) applied in the steps between. 0: the paper's plain BNEst.
     """
 
     w_bits: int = 8
@@ -31,12 +37,19 @@ class QConfig:
     act_signed: bool | str = 'auto'
     symmetric: bool = False
     impl: str = 'fused'
+    est_refresh: int = 0
+    init: str = 'lsq'
 
     def __post_init__(self):
         check_bits(self.w_bits)
         check_bits(self.a_bits)
         if self.bn_mode not in BN_MODES:
             raise ValueError(f'bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}')
+        if isinstance(self.est_refresh, bool) or not isinstance(self.est_refresh, int) or \
+                self.est_refresh < 0:
+            raise ValueError(f'est_refresh must be an int >= 0, got {self.est_refresh!r}')
+        if self.init not in ('lsq', 'mse'):
+            raise ValueError(f"init must be 'lsq' or 'mse', got {self.init!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> 'QConfig':
@@ -55,8 +68,8 @@ class QConfig:
     def weight_quantizer(self, out_channels: int | None = None) -> LSQQuantizer:
         return LSQQuantizer(self.w_bits, signed=True, per_channel=self.per_channel, ch_axis=0,
                             symmetric=self.symmetric, impl=self.impl,
-                            num_channels=out_channels)
+                            num_channels=out_channels, init=self.init)
 
     def act_quantizer(self) -> LSQQuantizer:
         return LSQQuantizer(self.a_bits, signed=self.act_signed, per_channel=False,
-                            impl=self.impl)
+                            impl=self.impl, init=self.init)

@@ -79,6 +79,9 @@ class RepBlock(nn.Module, _EvalWeightCache):
         # RepQ state (set by enable_repq)
         self.repq = False
         self.bn_mode = 'exact'
+        self.est_refresh = 0      # BNEst: exact statistics every k steps to correct the estimate
+        self._est_calls = 0
+        self._estc_seen = False
         self.w_quant = None
         self.a_quant = None
 
@@ -158,18 +161,62 @@ class RepBlock(nn.Module, _EvalWeightCache):
         return out
 
     # -- merge ---------------------------------------------------------------------------
-    def _stats(self, bn, mode, h, W, B, moments):
+    def _stats(self, bn, mode, h, W, B, moments, refresh=False):
         if mode == 'running' or not bn_uses_batch_stats(bn):
             return bn.running_mean, bn.running_var
-        if mode == 'exact':
+        if mode == 'exact' or refresh:
             var, mean, n = channel_var_mean(h, wants_sync(bn))
-        else:  # 'est': moments of the composed kernel applied to the input moments
+        if mode == 'est':  # moments of the composed kernel applied to the input moments
             m, v, n = moments
-            mean = apply_to_channels(W, m, self.groups) + B
-            var = apply_to_channels(W * W, v, self.groups)
+            mean_e = apply_to_channels(W, m, self.groups) + B
+            var_e = apply_to_channels(W * W, v, self.groups)
+            if refresh:      # learn the correction from this step's exact statistics
+                self._update_est_correction(bn, mean, var, mean_e, var_e)
+            else:
+                mean, var = self._corrected(bn, mean_e, var_e)
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean, var, n)
         return mean, var
+
+    # -- BNEst with periodic correction (est_refresh > 0) -----------------------------------
+    def _corr_key(self, bn):
+        return f'_estc_{self._bn_index[id(bn)]}'
+
+    def _corrected(self, bn, mean, var):
+        """Apply the learned per-channel correction (identity until the first refresh)."""
+        if not self.est_refresh or not self._estc_seen:
+            return mean, var
+        k = self._corr_key(bn)
+        var = var * getattr(self, k + '_var_ratio')
+        return mean + getattr(self, k + '_mean_shift') * torch.sqrt(var + bn.eps), var
+
+    @torch.no_grad()
+    def _update_est_correction(self, bn, mean, var, mean_e, var_e, momentum=0.5):
+        k = self._corr_key(bn)
+        ratio = var / var_e.clamp(min=1e-12)
+        shift = (mean - mean_e) / torch.sqrt(var + bn.eps)
+        r_buf, s_buf = getattr(self, k + '_var_ratio'), getattr(self, k + '_mean_shift')
+        first = not self._estc_seen
+        r_buf.copy_(ratio if first else r_buf.lerp(ratio, momentum))
+        s_buf.copy_(shift if first else s_buf.lerp(shift, momentum))
+
+    def _setup_est_correction(self, refresh: int) -> None:
+        self.est_refresh = int(refresh)
+        self._est_calls = 0
+        if not self.est_refresh:
+            return
+        if not hasattr(self, 'estc_ready'):
+            self.register_buffer('estc_ready', torch.zeros((), dtype=torch.uint8))
+        for i, bn in enumerate(self.bns()):
+            c = bn.num_features
+            dev = bn.weight.device if bn.affine else None
+            if not hasattr(self, f'_estc_{i}_var_ratio'):
+                self.register_buffer(f'_estc_{i}_var_ratio', torch.ones(c, device=dev))
+                self.register_buffer(f'_estc_{i}_mean_shift', torch.zeros(c, device=dev))
+
+    @property
+    def _bn_index(self):
+        return {id(bn): i for i, bn in enumerate(self.bns())}
 
     def merge(self, x: torch.Tensor | None = None, mode: str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +238,12 @@ class RepBlock(nn.Module, _EvalWeightCache):
         if need_batch and x is None:
             raise ValueError(f'{type(self).__name__}.merge() needs the input x while BN uses '
                              'batch statistics (training mode); pass x or use eval()')
-        exact = need_batch and mode == 'exact'
+        refresh = need_batch and mode == 'est' and self.est_refresh > 0 and \
+            self._est_calls % self.est_refresh == 0
+        if need_batch and mode == 'est' and self.est_refresh:
+            self._est_calls += 1
+            self._estc_seen = bool(self.estc_ready.item())
+        exact = need_batch and (mode == 'exact' or refresh)
         moments = None
         if need_batch and mode == 'est':
             sync = any(wants_sync(b) for b in self.bns())
@@ -219,7 +271,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
                 else:
                     W, B = compose(W, B, ws, bs, g)
                 if st.bn is not None:
-                    mean, var = self._stats(st.bn, mode, h, W, B, moments)
+                    mean, var = self._stats(st.bn, mode, h, W, B, moments, refresh)
                     W, B, scale, shift = _fold(W, B, st.bn, mean, var)
                     if exact and (si < last or keep_h):
                         h = (h - mean.reshape(1, -1, 1, 1)) * scale.reshape(1, -1, 1, 1) + \
@@ -229,8 +281,10 @@ class RepBlock(nn.Module, _EvalWeightCache):
             if keep_h:
                 h_sum = h if h_sum is None else h_sum + h
         if self.post_bn is not None:
-            mean, var = self._stats(self.post_bn, mode, h_sum, W_sum, B_sum, moments)
+            mean, var = self._stats(self.post_bn, mode, h_sum, W_sum, B_sum, moments, refresh)
             W_sum, B_sum = _fold(W_sum, B_sum, self.post_bn, mean, var)[:2]
+        if refresh:
+            self.estc_ready.fill_(1)
         return W_sum, B_sum
 
     # -- RepQ ----------------------------------------------------------------------------
@@ -240,6 +294,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
         qcfg = qcfg or QConfig()
         self.repq = True
         self.bn_mode = qcfg.bn_mode
+        self._setup_est_correction(qcfg.est_refresh)
         if quantize:
             self.w_quant = qcfg.weight_quantizer(self.out_channels)
             self.a_quant = qcfg.act_quantizer()

@@ -1,0 +1,202 @@
+"""ONNX export of a RepQ config + checkpoint (``tools/export_onnx.py``).
+
+:func:`export_checkpoint` builds the model of a config (a QAT config with a ``repq`` dict, or
+the ``deploy_config.py`` that ``tools/merge_quant.py`` writes), loads the checkpoint, merges
+every rep block (:func:`~repq_mm.convert.merge_model`; optionally also writing the full
+``merge_quant`` output folder), exports the integer QDQ model
+(:func:`repq_mm.export.export_onnx`) and, optionally, the same merged model in float32 for
+reference, and checks the ONNX model with onnxruntime against the PyTorch fake-quant merged
+model on real images. Files are written to a temporary name and moved into place only after
+the check passed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import os.path as osp
+import tempfile
+
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.registry import MODELS, init_default_scope
+from torch import nn
+
+from ..convert import merge_model
+from ..export import (ExportError, compare_onnx, export_fp32_onnx, export_onnx,
+                      snap_weights_to_grid, summary_lines)
+from .checkpoint import safe_load, state_dict_of
+from .model import check_repq_cfg
+
+
+def _is_repq(cfg) -> bool:
+    m = cfg.get('model', None)
+    return m is not None and str(m.get('type', '')).split('.')[-1] == 'RepQModel'
+
+
+def build_merged_model(cfg: Config, checkpoint: str) -> tuple[nn.Module, bool]:
+    """The merged (deploy-form) model of ``cfg`` with the weights of ``checkpoint``, in eval
+    mode. ``cfg`` (already through :func:`~repq_mm.mm.cli.prepare_cfg`) is a QAT config
+    (the checkpoint is a training checkpoint; merged here) or a deploy config (the
+    checkpoint is a ``merged.pth``). Returns ``(model, was_deploy_config)``.
+
+    Raises :class:`~repq_mm.export.ExportError` with the reason for a config without a RepQ
+    model, an unreadable checkpoint or one of another architecture.
+    """
+    if not _is_repq(cfg):
+        raise ExportError('the config does not describe a RepQ model: give it a top-level '
+                          '`repq` dict (or model type RepQModel)')
+    repq = check_repq_cfg(dict(cfg.model.get('repq', None) or {}))
+    init_default_scope(cfg.get('default_scope', None) or 'mmpretrain')
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg['init_checkpoint'] = None
+    if cfg.get('data_preprocessor', None) is not None:   # what mmengine's Runner does
+        model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
+    model = MODELS.build(model_cfg)
+    if not osp.isfile(checkpoint):
+        raise ExportError(f'checkpoint {checkpoint} does not exist')
+    try:
+        ck = safe_load(checkpoint)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupted, not a torch file
+        raise ExportError(f'cannot read checkpoint {checkpoint}: {type(e).__name__}: '
+                          f'{str(e)[:300]}') from None
+    try:
+        model.load_state_dict(state_dict_of(ck), strict=True)
+    except RuntimeError as e:
+        raise ExportError(f'checkpoint {checkpoint} does not fit the model of the config '
+                          f'(another architecture or method?): {str(e)[:600]}') from None
+    model.eval()
+    if not repq['deploy']:
+        model = merge_model(model, inplace=True).eval()
+        snap_weights_to_grid(model)
+    return model, repq['deploy']
+
+
+def _pipeline(cfg, channels: int):
+    """The config's test (else val) pipeline with an image loader in front."""
+    from mmengine.dataset import Compose
+    for key in ('test_dataloader', 'val_dataloader'):
+        dl = cfg.get(key, None)
+        if dl and dl.get('dataset', None) is not None:
+            pipeline = list(dl['dataset'].get('pipeline', []))
+            break
+    else:
+        pipeline = [dict(type='PackInputs')]
+    pipeline = [t for t in pipeline if not str(t.get('type', '')).startswith('Load')]
+    load = dict(type='LoadImageFromFile', color_type='grayscale' if channels == 1 else 'color')
+    return Compose([load] + copy.deepcopy(pipeline))
+
+
+@torch.no_grad()
+def load_images(cfg, model: nn.Module, paths, channels: int) -> torch.Tensor:
+    """Image files through the config's test pipeline and the model's data preprocessor:
+    the normalised batch the exported network takes."""
+    pipe = _pipeline(cfg, channels)
+    inputs = []
+    for p in paths:
+        if not osp.isfile(p):
+            raise ExportError(f'check image {p} does not exist')
+        out = pipe(dict(img_path=p))
+        if out is None:
+            raise ExportError(f'the test pipeline dropped {p}')
+        inputs.append(out['inputs'])
+    data = model.data_preprocessor(dict(inputs=inputs, data_samples=None), False)
+    return data['inputs'].float()
+
+
+def _channels(model: nn.Module, default: int = 3) -> int:
+    dp = getattr(model, 'data_preprocessor', None)
+    mean = getattr(dp, 'mean', None)
+    return int(mean.numel()) if isinstance(mean, torch.Tensor) else default
+
+
+def _tmp_next_to(path: str) -> str:
+    d = osp.dirname(osp.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=d)
+    os.close(fd)
+    return tmp
+
+
+def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
+                      fp32_out: str | None = None, check_images=(), merged_dir=None,
+                      overwrite: bool = False, opset: int = 17,
+                      check_batch: torch.Tensor | None = None) -> dict:
+    """Export ``checkpoint`` of ``cfg`` as an integer ONNX model to ``out``.
+
+    Args:
+        cfg: the config, through :func:`~repq_mm.mm.cli.prepare_cfg`.
+        checkpoint: a QAT checkpoint of ``cfg``, or ``merged.pth`` with a deploy config.
+        out: the ONNX file.
+        input_shape: ``(N, C, H, W)`` of the example input; default: the shape of the
+            preprocessed check images, else ``(1, C, 224, 224)`` with ``C`` from the data
+            preprocessor. The batch dimension is dynamic.
+        fp32_out: also write the same merged model, quantizers disabled, in float32.
+        check_images: image files run through the test pipeline and compared
+            (onnxruntime vs PyTorch). ``check_batch``: a ready, preprocessed batch instead.
+        merged_dir: also write the ``tools/merge_quant.py`` output folder there (QAT
+            configs only; refused when it holds another model unless ``overwrite``).
+
+    Returns the export info with ``check`` (see :func:`repq_mm.export.compare_onnx`) and
+    ``fp32`` (size info) when asked. Raises :class:`ExportError` (nothing written) for bad
+    input or when the check finds a difference beyond one quantization step.
+    """
+    model, was_deploy = build_merged_model(cfg, checkpoint)
+    channels = _channels(model)
+    batch = check_batch
+    if check_images:
+        batch = load_images(cfg, model, check_images, channels)
+    if input_shape is None:
+        input_shape = (1, *batch.shape[1:]) if batch is not None else (1, channels, 224, 224)
+    input_shape = tuple(int(v) for v in input_shape)
+    if len(input_shape) != 4 or min(input_shape) < 1:
+        raise ExportError(f'--input-shape must be 4 positive ints N C H W, got {input_shape}')
+    if batch is not None and tuple(batch.shape[1:]) != input_shape[1:]:
+        raise ExportError(f'check images give inputs of shape {tuple(batch.shape[1:])}, the '
+                          f'export input shape is {input_shape[1:]}')
+    if merged_dir is not None:
+        if was_deploy:
+            raise ExportError('--merged-dir needs a QAT config and checkpoint (this is '
+                              'already a deploy config)')
+        from .deploy import MergeError, merge_checkpoint
+        try:
+            merge_checkpoint(cfg, checkpoint, merged_dir, overwrite=overwrite)
+        except MergeError as e:
+            raise ExportError(f'merge into {merged_dir}: {e}') from None
+
+    example = torch.zeros(input_shape)
+    tmps = {}
+    try:
+        tmps[out] = _tmp_next_to(out)
+        info = export_onnx(model, example, tmps[out], opset=opset,
+                           metadata={'repq_mm.source_checkpoint': osp.abspath(checkpoint),
+                                     'repq_mm.input_shape': list(input_shape)})
+        for line in summary_lines(info):
+            print_log(line, logger='current')
+        if fp32_out:
+            tmps[fp32_out] = _tmp_next_to(fp32_out)
+            info['fp32'] = export_fp32_onnx(model, example, tmps[fp32_out], opset=opset)
+        if batch is not None:
+            res = compare_onnx(model, tmps[out], batch)
+            info['check'] = res
+            worst = max((s['max_diff'] for s in res['act_codes'].values()), default=0)
+            print_log(f'ONNX check on {res["batch"]} image(s): max |onnxruntime - PyTorch| = '
+                      f'{res["max_abs"]:.3g} (one quantization step at the output: '
+                      f'{res["one_step"]:.3g}); activation codes differ by at most {worst} '
+                      f'step(s); argmax agreement {res["argmax_agree"]}', logger='current')
+            if res['one_step'] is not None and res['max_abs'] > res['one_step'] or worst > 1:
+                raise ExportError(f'the ONNX model differs from the PyTorch model by more '
+                                  f'than one quantization step: max abs diff '
+                                  f'{res["max_abs"]:.3g} > {res["one_step"]:.3g} or '
+                                  f'activation codes off by {worst}')
+        for final, tmp in tmps.items():
+            os.replace(tmp, final)
+        tmps = {}
+    finally:
+        for tmp in tmps.values():
+            if osp.exists(tmp):
+                os.remove(tmp)
+    info['path'] = osp.abspath(out)
+    if fp32_out:
+        info['fp32']['path'] = osp.abspath(fp32_out)
+    return info

@@ -1,0 +1,332 @@
+"""Detection (mmdet 3.3): the YOLOv6-style and YOLOv7-style RepQ detectors.
+
+* shapes of every detector form (full-precision multi-branch, RepQ QAT, merged deploy) and of
+  the backbones / necks;
+* merge equivalence of the whole detector (deploy vs QAT eval outputs, ``mode='tensor'``);
+* the tree-tile converter's tiling rules;
+* end to end through mmengine's Runner on 4 real DeepForest tiles (``data/trees``, written by
+  ``tools/dataset_converters/deepforest_trees.py``; ``tools/run_tests.sh`` fetches it): a few
+  RepQ training iterations, checkpoint, ``tools/merge_quant.py``, the stock mmdet
+  ``tools/test.py`` on the merged checkpoint (CocoMetric) against our ``tools/test.py`` on the
+  QAT checkpoint;
+* every COCO config: build, one training step and one merge on random tensors.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip('mmdet')
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
+from mmdet.testing import demo_mm_inputs  # noqa: E402
+
+import repq_mm  # noqa: E402,F401
+from repq_mm import merge_model  # noqa: E402
+from repq_mm.mm import RepQModel, wrap_config  # noqa: E402
+from repq_mm.mm.det import ELANNet, ELANPAN, EfficientRep, RepPAN  # noqa: E402
+from repq_mm.quant import QConv2d  # noqa: E402
+from repq_mm.rep import RepBlock  # noqa: E402
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PY = sys.executable
+TREES = osp.join(ROOT, 'data', 'trees')
+CI_CFG = osp.join(ROOT, 'configs', 'yolov6_trees', 'yolov6-n_repq-bn_w4a4_trees-ci.py')
+MAP_RE = re.compile(r'coco/bbox_mAP:\s*([0-9.]+)')
+
+
+def _load_tool(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train_tool = _load_tool(osp.join(ROOT, 'tools', 'train.py'), 'repq_det_train')
+test_tool = _load_tool(osp.join(ROOT, 'tools', 'test.py'), 'repq_det_test')
+merge_tool = _load_tool(osp.join(ROOT, 'tools', 'merge_quant.py'), 'repq_det_merge')
+converter = _load_tool(osp.join(ROOT, 'tools', 'dataset_converters', 'deepforest_trees.py'),
+                       'repq_det_trees')
+
+
+def _stock_test_py() -> str:
+    import mmdet
+    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'test.py')
+    assert osp.isfile(path), path
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# tiny detectors (same parts as the configs, narrow)
+# --------------------------------------------------------------------------------------
+def _tiny_arch(kind: str) -> dict:
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', '_base_', f'det_{kind}.py'))
+    arch = copy.deepcopy(cfg.model.to_dict())
+    if kind == 'yolov6':
+        arch['backbone'].update(widen_factor=0.125)
+        arch['neck'].update(in_channels=[32, 64, 128], widen_factor=0.125, out_channels=16)
+    else:
+        arch['backbone'].update(widen_factor=0.25)
+        arch['neck'].update(in_channels=[32, 64, 64], widen_factor=0.25, out_channels=16)
+    arch['bbox_head'].update(num_classes=1, in_channels=16, feat_channels=16, stacked_convs=1)
+    return arch
+
+
+def _build(arch, **repq):
+    init_default_scope('mmdet')
+    return RepQModel(copy.deepcopy(arch), repq=repq)
+
+
+def _batch(n=2, size=64, num_classes=1, train=True, model=None):
+    packed = demo_mm_inputs(batch_size=n, image_shapes=(3, size, size),
+                            num_classes=num_classes)
+    return model.data_preprocessor(packed, train)
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _tensors(o)]
+
+
+def _warm_up(model, steps=2):
+    """Training-mode forwards + SGD steps: LSQ init, BN running stats, non-trivial weights."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        data = _batch(model=model)
+        losses = model(**data, mode='loss')
+        loss, _ = model.parse_losses(losses)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss
+
+
+@pytest.mark.parametrize('cls,kw,in_ch,out', [
+    (EfficientRep, dict(widen_factor=0.125), None, [(32, 8), (64, 4), (128, 2)]),
+    (ELANNet, dict(widen_factor=0.25), None, [(32, 8), (64, 4), (64, 2)]),
+    (RepPAN, dict(widen_factor=0.125, out_channels=24), [32, 64, 128], [(24, 8), (24, 4), (24, 2)]),
+    (RepPAN, dict(widen_factor=0.125), [32, 64, 128], [(16, 8), (32, 4), (64, 2)]),
+    (ELANPAN, dict(widen_factor=0.25, out_channels=24), [32, 64, 64], [(24, 8), (24, 4), (24, 2)]),
+])
+def test_backbone_neck_shapes(cls, kw, in_ch, out):
+    assert DET_MODELS.get(cls.__name__) is cls
+    if in_ch is None:
+        m = cls(**kw)
+        x = torch.randn(2, 3, 64, 64)
+    else:
+        m = cls(in_ch, **kw)
+        x = [torch.randn(2, c, s, s) for c, s in zip(in_ch, (8, 4, 2))]
+    outs = m(x)
+    assert [(o.shape[1], o.shape[2]) for o in outs] == out
+    assert list(getattr(m, 'out_channels')) == [c for c, _ in out]
+    assert any(isinstance(b, RepBlock) for b in m.modules()) or cls is ELANNet
+
+
+@pytest.mark.parametrize('kind', ['yolov6', 'yolov7'])
+def test_detector_forms_shapes_and_merge(kind):
+    """FP multi-branch, RepQ QAT and merged deploy forms: same output shapes; the deploy
+    form has no rep block left and reproduces the QAT eval outputs."""
+    torch.manual_seed(0)
+    arch = _tiny_arch(kind)
+    fp = _build(arch, method='fp')
+    qat = _build(arch, method='repq', bn_mode='exact', w_bits=8, a_bits=8, per_channel=True)
+    n_rep = sum(isinstance(m, RepBlock) for m in fp.modules())
+    assert n_rep > 0 and n_rep == sum(isinstance(m, RepBlock) for m in qat.modules())
+    for model in (fp, qat):
+        loss = _warm_up(model)
+        assert torch.isfinite(loss)
+    deploy = merge_model(qat).eval()
+    fp_deploy = merge_model(fp).eval()
+    assert not any(isinstance(m, RepBlock) for m in deploy.modules())
+    assert any(isinstance(m, QConv2d) for m in deploy.modules())
+    # the deploy config builds the same structure and takes the merged weights exactly
+    rebuilt = _build(arch, method='repq', bn_mode='exact', w_bits=8, a_bits=8,
+                     per_channel=True, deploy=True)
+    rebuilt.load_state_dict(deploy.state_dict(), strict=True)
+    rebuilt.eval()
+    qat.eval()
+    fp.eval()
+    data = _batch(n=2, size=96, train=False, model=qat)
+    with torch.no_grad():
+        outs = {name: _tensors(m(**data, mode='tensor')) for name, m in
+                (('fp', fp), ('fp_deploy', fp_deploy), ('qat', qat), ('deploy', deploy),
+                 ('rebuilt', rebuilt))}
+    shapes = [tuple(t.shape) for t in outs['qat']]
+    # (cls_scores, bbox_preds) x 3 levels at strides 8 / 16 / 32
+    assert shapes == [(2, 1, 12, 12), (2, 1, 6, 6), (2, 1, 3, 3),
+                      (2, 4, 12, 12), (2, 4, 6, 6), (2, 4, 3, 3)]
+    for name, ts in outs.items():
+        assert [tuple(t.shape) for t in ts] == shapes, name
+    for ref, other in (('fp', 'fp_deploy'), ('qat', 'deploy'), ('qat', 'rebuilt')):
+        for a, b in zip(outs[ref], outs[other]):
+            tol = 1e-4 * max(1.0, a.abs().max().item())
+            assert torch.allclose(a, b, atol=tol, rtol=1e-4), (ref, other,
+                                                                (a - b).abs().max().item())
+    # predictions (NMS'ed boxes) agree too
+    with torch.no_grad():
+        pa = qat(**data, mode='predict')
+        pb = deploy(**data, mode='predict')
+    for a, b in zip(pa, pb):
+        assert torch.allclose(a.pred_instances.scores, b.pred_instances.scores, atol=1e-5)
+        assert torch.allclose(a.pred_instances.bboxes, b.pred_instances.bboxes, atol=1e-3)
+
+
+@pytest.mark.parametrize('method,bn_mode', [('lsq', 'exact'), ('repq', 'est')])
+def test_detector_other_methods_merge(method, bn_mode):
+    torch.manual_seed(1)
+    qat = _build(_tiny_arch('yolov6'), method=method, bn_mode=bn_mode, w_bits=4, a_bits=4,
+                 per_channel=True, first_bits=8, last_bits=8)
+    if method == 'lsq':
+        assert not any(isinstance(m, RepBlock) for m in qat.modules())
+    _warm_up(qat)
+    qat.eval()
+    deploy = merge_model(qat).eval()
+    data = _batch(n=1, size=64, train=False, model=qat)
+    with torch.no_grad():
+        a, b = _tensors(qat(**data, mode='tensor')), _tensors(deploy(**data, mode='tensor'))
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=1e-4 * max(1.0, x.abs().max().item()), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# converter
+# --------------------------------------------------------------------------------------
+def test_tiling_rules():
+    assert converter.tile_origins(2299) == [0, 400, 800, 1200, 1600, 2000]   # 299 px kept
+    assert converter.tile_origins(2472) == [0, 400, 800, 1200, 1600, 2000]   # 72 px dropped
+    assert converter.tile_origins(400) == [0]
+    boxes = np.array([[10, 10, 50, 50],        # inside
+                      [380, 10, 420, 50],      # half inside: kept, clipped
+                      [390, 10, 430, 50],      # a quarter inside: dropped
+                      [500, 500, 540, 540]],   # outside
+                     dtype=np.float64)
+    b = converter.tile_boxes(boxes, 0, 0, 1000, 1000)
+    assert b.tolist() == [[10, 10, 50, 50], [380, 10, 400, 50]]
+    b = converter.tile_boxes(boxes, 400, 0, 1000, 1000)     # second column
+    assert b.tolist() == [[0, 10, 20, 50], [0, 10, 30, 50]]
+    s = converter.split([f't{i:02d}.png' for i in range(45)])
+    assert len(s['val']) == 9 and len(s['train']) == 36
+    assert s == converter.split(list(reversed([f't{i:02d}.png' for i in range(45)])))
+
+
+@pytest.fixture(scope='module')
+def trees():
+    ann = osp.join(TREES, 'annotations', 'instances_train.json')
+    if not osp.isfile(ann):
+        pytest.skip('data/trees missing: run tools/dataset_converters/deepforest_trees.py '
+                    '(tools/run_tests.sh does)')
+    import json
+    with open(osp.join(TREES, 'annotations', 'split.json')) as f:
+        meta = json.load(f)
+    assert (meta['num_tiles'], meta['num_boxes']) == (45, 918)
+    assert (len(meta['train']), len(meta['val'])) == (36, 9)
+    return TREES
+
+
+# --------------------------------------------------------------------------------------
+# end to end through the Runner on real tiles
+# --------------------------------------------------------------------------------------
+def test_end_to_end_trees(trees, tmp_path):
+    work = tmp_path / 'qat'
+    opts = ['train_cfg.max_epochs=3', 'train_cfg.val_interval=3',
+            'default_hooks.checkpoint.interval=3']
+    runner = train_tool.main([CI_CFG, '--work-dir', str(work), '--cfg-options', *opts])
+    assert runner.iter == 3
+    ckpt = work / 'epoch_3.pth'
+    assert ckpt.is_file()
+    # the QAT model through our tools/test.py (CocoMetric on 2 val tiles)
+    qat_metrics = test_tool.main([CI_CFG, str(ckpt), '--work-dir', str(tmp_path / 'qtest'),
+                                  '--cfg-options', *opts])
+    assert 'coco/bbox_mAP' in qat_metrics and 'coco/bbox_mAP_50' in qat_metrics
+    # merge, then the stock mmdet tools/test.py on the merged checkpoint
+    out = tmp_path / 'merged'
+    assert merge_tool.main([CI_CFG, str(ckpt), str(out), '--cfg-options', *opts]) == 0
+    for f in ('deploy_config.py', 'merged.pth', 'int_weights.pth'):
+        assert (out / f).is_file()
+    sd = torch.load(out / 'merged.pth', map_location='cpu', weights_only=True)['state_dict']
+    assert not any('branches' in k for k in sd)
+    r = subprocess.run([PY, _stock_test_py(), str(out / 'deploy_config.py'),
+                        str(out / 'merged.pth'), '--work-dir', str(tmp_path / 'stock')],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    stock_map = float(MAP_RE.findall(r.stdout)[-1])
+    assert abs(stock_map - qat_metrics['coco/bbox_mAP']) <= 1e-3
+
+
+def test_merge_check_on_real_tiles(trees):
+    """merge_quant's comparison path on an mmdet model: real val batches, dict / tuple
+    outputs of ``mode='tensor'`` (a trained-for-two-steps RepQ-BN W4A4 detector)."""
+    from repq_mm.mm import cli
+    from repq_mm.mm.deploy import _dataloader, compare
+    cfg = Config.fromfile(CI_CFG)
+    cli.prepare_cfg(cfg)
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = DET_MODELS.build(cfg.model)
+    _, loader = _dataloader(cfg)
+    _warm_up(model)
+    model.eval()
+    deploy = merge_model(model).eval()
+    res = compare(model, deploy, loader, 1)
+    assert res['batches'] == 1 and res['rel'] <= 1e-4 and res['max_abs'] >= 0
+
+
+# --------------------------------------------------------------------------------------
+# COCO configs: build, one training step and one merge on random tensors
+# --------------------------------------------------------------------------------------
+COCO_CONFIGS = sorted(p for d in ('yolov6_coco', 'yolov7_coco')
+                      for p in glob.glob(osp.join(ROOT, 'configs', d, '*.py'))
+                      if '_qat-base_' not in p)
+
+
+def test_coco_config_set():
+    names = {osp.basename(p) for p in COCO_CONFIGS}
+    for size in ('yolov6-n', 'yolov6-s'):
+        assert {f'{size}_fp_8xb32-300e_coco.py', f'{size}_repq-bn_w8a8_8xb32-20e_coco.py',
+                f'{size}_repq-bn_w4a4_8xb32-20e_coco.py'} <= names
+    assert {'yolov7-tiny_fp_8xb32-300e_coco.py', 'yolov7-tiny_repq-bn_w8a8_8xb32-20e_coco.py',
+            'yolov7-tiny_repq-bn_w4a4_8xb32-20e_coco.py'} <= names
+
+
+@pytest.mark.parametrize('path', COCO_CONFIGS, ids=osp.basename)
+def test_coco_config_step_and_merge(path):
+    cfg = Config.fromfile(path)
+    assert cfg.train_dataloader.dataset.type == 'CocoDataset'
+    assert cfg.train_dataloader.dataset.data_root == 'data/coco/'
+    assert cfg.model.bbox_head.num_classes == 80
+    if cfg.get('repq'):
+        assert cfg.repq.init_checkpoint.endswith('epoch_300.pth')
+        cfg.repq.init_checkpoint = None        # no FP checkpoint here
+    wrap_config(cfg)
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = DET_MODELS.build(cfg.model)
+    assert isinstance(model, RepQModel)
+    model.train()
+    data = _batch(n=2, size=64, num_classes=80, model=model)
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    deploy = merge_model(model).eval()
+    assert not any(isinstance(m, RepBlock) for m in deploy.modules())
+    data = _batch(n=1, size=64, num_classes=80, train=False, model=model)
+    with torch.no_grad():
+        a, b = _tensors(model(**data, mode='tensor')), _tensors(deploy(**data, mode='tensor'))
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=1e-4 * max(1.0, x.abs().max().item()), rtol=1e-4)

@@ -1,0 +1,220 @@
+"""Integer ONNX export (``repq_mm.export``, ``tools/export_onnx.py``) checked with
+onnxruntime: QDQ graph with int8 weight initializers, learned scales, Clip for sub-8-bit
+ranges, outputs within one quantization step of the PyTorch fake-quant merged model on
+Fashion-MNIST test images (random images when ``data/fashion_mnist`` is missing).
+Tiny models; about 15 s on one thread."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip('onnx')
+ort = pytest.importorskip('onnxruntime')
+
+from repq_mm import convert_to_repq, merge_model  # noqa: E402
+from repq_mm.export import (META_KEY, ExportError, compare_onnx,  # noqa: E402
+                            export_fp32_onnx, export_onnx, run_onnx)
+from repq_mm.rep import RepVGGBlock  # noqa: E402
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+FMNIST = osp.join(ROOT, 'data', 'fashion_mnist', 't10k-images-idx3-ubyte')
+
+
+def fmnist_images(n: int, offset: int = 0) -> np.ndarray:
+    """``n`` Fashion-MNIST test images (uint8, 28x28); random ones without the data."""
+    if osp.isfile(FMNIST):
+        with open(FMNIST, 'rb') as f:
+            f.seek(16 + offset * 784)
+            return np.frombuffer(f.read(n * 784), np.uint8).reshape(n, 28, 28).copy()
+    return np.random.default_rng(offset).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def to_input(imgs: np.ndarray) -> torch.Tensor:
+    """Pad 28 -> 32 and normalise as the Fashion-MNIST configs do."""
+    x = torch.from_numpy(imgs).float()[:, None]
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return (x - 72.94) / 90.02
+
+
+def tiny_net(w_bits=4, a_bits=4, per_channel=True, symmetric=False):
+    torch.manual_seed(0)
+    net = nn.Sequential(RepVGGBlock(1, 16, stride=2, act=nn.ReLU()),
+                        RepVGGBlock(16, 16, act=nn.ReLU()),
+                        RepVGGBlock(16, 32, stride=2, act=nn.ReLU()),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    q = convert_to_repq(net, w_bits=w_bits, a_bits=a_bits, per_channel=per_channel,
+                        first_bits=8, last_bits=8, symmetric=symmetric, bn_mode='est')
+    opt = torch.optim.SGD(q.parameters(), lr=0.01)
+    x = to_input(fmnist_images(32, 100))
+    q.train()
+    for i in range(3):          # a few steps so BN statistics and steps are not trivial
+        loss = q(x[i * 8:(i + 1) * 8]).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return q.eval()
+
+
+def _initializers(path):
+    m = onnx.load(path)
+    return m, {i.name: i for i in m.graph.initializer}
+
+
+@pytest.mark.parametrize('w_bits,a_bits,per_channel,symmetric',
+                         [(4, 4, True, False), (8, 8, False, True), (2, 3, False, False)])
+def test_export_qdq_graph_and_onnxruntime(tmp_path, w_bits, a_bits, per_channel, symmetric):
+    q = tiny_net(w_bits, a_bits, per_channel, symmetric)
+    path = str(tmp_path / 'q.onnx')
+    info = export_onnx(q, torch.zeros(1, 1, 32, 32), path)
+    model, inits = _initializers(path)
+    ops = [n.op_type for n in model.graph.node]
+    # four quantized layers (3 merged blocks + fc): int8 codes + DequantizeLinear
+    w_recs = [r for r in info['quantizers'] if r['kind'] == 'weight']
+    a_recs = [r for r in info['quantizers'] if r['kind'] == 'act']
+    assert len(w_recs) == len(a_recs) == 4
+    codes = {k: v for k, v in inits.items() if k.endswith('weight_int8')}
+    assert len(codes) == 4 and info['int8'] == 4
+    assert all(v.data_type == onnx.TensorProto.INT8 for v in codes.values())
+    assert not [k for k, v in inits.items() if v.data_type == onnx.TensorProto.FLOAT and
+                k.endswith('weight')]                     # no float weight left
+    assert ops.count('QuantizeLinear') == 4 and ops.count('DequantizeLinear') == 8
+    # codes and scales are the learned ones: DequantizeLinear(codes) == merged weight
+    merged = merge_model(q)
+    layers = [m for m in merged.modules() if hasattr(m, 'w_quant') and m.w_quant is not None]
+    for layer, rec in zip(layers, w_recs):
+        c = onnx.numpy_helper.to_array(codes[rec['name'].rsplit('.', 1)[0] + '.weight_int8'])
+        qn, qp = layer.w_quant.qrange
+        assert c.min() >= -qn and c.max() <= qp and rec['clamp'] == [-qn, qp]
+        s = layer.w_quant.scale().detach().numpy()
+        s = s.reshape(-1, *[1] * (c.ndim - 1)) if per_channel else s
+        with torch.no_grad():
+            wq = layer.w_quant(layer.weight).numpy()       # the fake-quant weight
+        np.testing.assert_allclose(c * s, wq, rtol=0, atol=1e-7)
+    # per-channel DequantizeLinear carries axis=0
+    dq_axes = [a.i for n in model.graph.node if n.op_type == 'DequantizeLinear'
+               for a in n.attribute if a.name == 'axis']
+    assert len(dq_axes) == (4 if per_channel else 0) and set(dq_axes) <= {0}
+    # sub-8-bit (or symmetric) activation ranges: Clip in front; uint8 after ReLU
+    # (first and last layer at 8 bits; the network input is signed, the rest post-ReLU)
+    n_clip = sum(r['clip'] for r in a_recs)
+    assert ops.count('Clip') == n_clip == (2 if a_bits < 8 else 0)
+    assert [r['storage'] for r in a_recs] == ['int8', 'uint8', 'uint8', 'uint8']
+    assert [r['bits'] for r in a_recs] == [8, a_bits, a_bits, 8]
+    assert [r['clamp'] for r in a_recs][1] == [0, 2 ** a_bits - 1]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta[META_KEY]) == info['quantizers']
+    assert [r['bits'] for r in json.loads(meta[META_KEY]) if r['kind'] == 'weight'] == \
+        [8, w_bits, w_bits, 8]
+    # onnxruntime on real images: within one quantization step, codes off by at most 1
+    x = to_input(fmnist_images(8))
+    res = compare_onnx(q, path, x)
+    with torch.no_grad():
+        ref = q(x)
+    got = torch.from_numpy(run_onnx(path, x)[0])
+    assert (got - ref).abs().max().item() <= res['one_step']
+    assert res['max_abs'] <= res['one_step'], res
+    assert all(s['max_diff'] <= 1 for s in res['act_codes'].values()), res
+    assert len(res['act_codes']) == 4
+    # float32 reference: same merged model, quantizers off
+    fp = export_fp32_onnx(q, torch.zeros(1, 1, 32, 32), str(tmp_path / 'fp.onnx'))
+    assert fp['int8'] == 0 and fp['float_bytes'] > 3 * info['int8_bytes']
+    print(f'\nW{w_bits}A{a_bits}: int8 ONNX {info["size"]} B vs fp32 {fp["size"]} B; '
+          f'max |ORT - torch| {res["max_abs"]:.3g} (one step {res["one_step"]:.3g})')
+
+
+def test_export_rejects_uninitialised_and_leaves_model_alone(tmp_path):
+    net = convert_to_repq(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), w_bits=4, a_bits=4)
+    with pytest.raises(ExportError, match='0.w_quant: LSQ quantizer is not initialised'):
+        export_onnx(net.eval(), torch.zeros(1, 1, 8, 8), str(tmp_path / 'x.onnx'))
+    assert not os.listdir(tmp_path)
+    q = tiny_net()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    export_onnx(q, torch.zeros(1, 1, 32, 32), str(tmp_path / 'q.onnx'))
+    after = q.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k])
+                                                  for k in before)
+    assert not any('forward' in m.__dict__ or 'quantized_weight' in m.__dict__
+                   for m in q.modules())
+    assert sorted(os.listdir(tmp_path)) == ['q.onnx']
+
+
+# --------------------------------------------------------------------------------------
+# the tool on an mmpretrain classifier
+# --------------------------------------------------------------------------------------
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        'repq_tool_export_onnx', osp.join(ROOT, 'tools', 'export_onnx.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ARCH = dict(
+    type='ImageClassifier',
+    backbone=dict(type='RepVGG', in_channels=1, base_channels=16,
+                  arch=dict(num_blocks=[1, 1, 1, 1], width_factor=[0.5] * 4,
+                            group_layer_map=None, se_cfg=None),
+                  out_indices=(3, )),
+    neck=dict(type='GlobalAveragePooling'),
+    head=dict(type='LinearClsHead', num_classes=10, in_channels=64,
+              loss=dict(type='CrossEntropyLoss', loss_weight=1.0), topk=(1, )))
+
+
+def test_export_tool_mmpretrain_classifier(tmp_path):
+    pytest.importorskip('mmpretrain')
+    import cv2
+    from mmengine.registry import MODELS, init_default_scope
+
+    from repq_mm.mm import calibrate_lsq
+    tool = _tool()
+    init_default_scope('mmpretrain')
+    torch.manual_seed(0)
+    dp = dict(num_classes=10, mean=[72.94], std=[90.02], to_rgb=False)
+    repq = dict(w_bits=4, a_bits=4, bn_mode='est', per_channel=True, first_bits=8,
+                last_bits=8)
+    model = MODELS.build(dict(type='RepQModel', architecture=ARCH, repq=repq,
+                              data_preprocessor=dp))
+    imgs = fmnist_images(16)
+    batches = [dict(inputs=[torch.from_numpy(np.pad(im, 2))[None] for im in imgs[i:i + 8]])
+               for i in (0, 8)]
+    calibrate_lsq(model, batches, 2)
+    ckpt = str(tmp_path / 'qat.pth')
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    paths = []
+    for i, im in enumerate(fmnist_images(6, 500)):
+        paths.append(str(tmp_path / f'img{i}.png'))
+        cv2.imwrite(paths[-1], im)
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(f"""
+default_scope = 'mmpretrain'
+custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
+model = {ARCH!r}
+data_preprocessor = {dp!r}
+test_pipeline = [dict(type='RandomCrop', crop_size=32, padding=2), dict(type='PackInputs')]
+test_dataloader = dict(batch_size=4, dataset=dict(type='CustomDataset', data_root='x',
+                                                  pipeline=test_pipeline))
+repq = {repq!r}
+""")
+    out, fp32 = str(tmp_path / 'out' / 'q.onnx'), str(tmp_path / 'out' / 'fp32.onnx')
+    assert tool.main([str(cfg), ckpt, out, '--fp32-out', fp32, '--check', *paths]) == 0
+    m, inits = _initializers(out)
+    assert sum(v.data_type == onnx.TensorProto.INT8 for v in inits.values()) == 6
+    assert m.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
+    assert os.path.getsize(fp32) > os.path.getsize(out)
+    assert sorted(os.listdir(tmp_path / 'out')) == ['fp32.onnx', 'q.onnx']
+
+    # bad input: nothing written, exit status 1
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(open(ckpt, 'rb').read()[:1000])           # truncated
+    out2 = str(tmp_path / 'out2' / 'q.onnx')
+    assert tool.main([str(cfg), str(bad), out2]) == 1
+    assert tool.main([str(cfg), ckpt, out2, '--input-shape', '1', '3', '32', '32',
+                      '--check', *paths]) == 1                 # shape mismatch
+    assert not osp.exists(out2) or not os.listdir(osp.dirname(out2))
