@@ -72,6 +72,7 @@ TRAIN_VARIANTS = {
     'lsq': 'LSQ baseline (merged + LSQ)',
     'repq_bn': 'RepQ-BN (exact stats)',
     'repq_est': 'RepQ-BNEst',
+    'repq_estc8': 'RepQ-BNEst + exact-stats correction every 8 steps',
     'repq_bn_noquant': 'RepQ-BN merge, no quantizers',
     'repq_est_noquant': 'RepQ-BNEst merge, no quantizers',
     'mm_fp_multibranch': 'mmpretrain RepVGG FP multi-branch',
@@ -248,6 +249,8 @@ def make_variant(name: str, base: nn.Module, qcfg: QConfig, use_convert: bool,
         m = do_merge(m, use_convert)
         return do_repq(m, qcfg, True, use_convert) if use_convert else _quantize_plain(m, qcfg)
     mode = 'exact' if name.startswith('repq_bn') else 'est'
+    if name == 'repq_estc8':
+        return do_repq(m, qcfg.replace(bn_mode='est', est_refresh=8), True, use_convert)
     if name in ('repq_bn', 'repq_est', 'repq_bn_noquant', 'repq_est_noquant'):
         return do_repq(m, qcfg.replace(bn_mode=mode), not name.endswith('noquant'),
                        use_convert)
