@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .quant import QConfig, QConv2d, QLinear, check_bits
+from .quant import LSQQuantizer, QConfig, QConv2d, QLinear, check_bits
 from .rep import ConvStage, IdentityStage, RepBlock
 
 __all__ = ['convert_to_repq', 'merge_model', 'find_rep_blocks', 'FOREIGN_BLOCKS',
@@ -322,14 +322,41 @@ def _unique(items: Iterable[tuple[str, nn.Module]]) -> list[tuple[nn.Module, lis
     return list(out.values())
 
 
-def _adapt_foreign(model: nn.Module, skip: tuple[str, ...]) -> nn.Module:
+def _adapt_foreign(model: nn.Module, skip: tuple[str, ...],
+                   undo: list | None = None) -> nn.Module:
+    """Replace every foreign rep block by its adapted form. All blocks are read first, so a
+    block that cannot be read leaves ``model`` unchanged; ``undo`` (when given) receives
+    ``(name, original)`` for :func:`_rollback`."""
     found = [(n, m, f) for n, m, f in _walk(model, '', skip) if f not in (None, 'ours')]
     families = {id(m): f for _, m, f in found}
-    for m, names in _unique((n, m) for n, m, _ in found):
-        blk = _adapt(names[0], m, families[id(m)])
+    adapted = [(m, names, _adapt(names[0], m, families[id(m)]))
+               for m, names in _unique((n, m) for n, m, _ in found)]
+    for m, names, blk in adapted:
         for name in names:
             model = _replace(model, name, blk)
+            if undo is not None:
+                undo.append((name, m))
     return model
+
+
+def _rollback(model: nn.Module, undo: list) -> nn.Module:
+    for name, original in reversed(undo):
+        model = _replace(model, name, original)
+    return model
+
+
+def _check_skip(model: nn.Module, skip: tuple[str, ...]) -> None:
+    """Every ``skip`` entry must be a string naming (or matching) a module of ``model``."""
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    for p in skip:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f'skip entries must be module names or fnmatch patterns '
+                             f'(non-empty strings), got {p!r}')
+        if not any(_skipped(n, (p,)) for n in names):
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(f'skip entry {p!r} matches no module of the model: skip takes '
+                             f"module names or fnmatch patterns (e.g. 'backbone.stem', "
+                             f"'head.*'), not layer types; top-level modules: {top[:12]}")
 
 
 def find_rep_blocks(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
@@ -449,9 +476,13 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
                        act_signed=act_signed, symmetric=symmetric, impl=impl,
                        est_refresh=est_refresh, init=init)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    _check_skip(model, skip)
     if not inplace:
         model = copy.deepcopy(model)
-    model = _adapt_foreign(model, skip)
+    # nothing is changed unless everything can be converted: foreign blocks are all read
+    # before any is replaced, quantized copies all built before any is put in place
+    undo: list = []
+    model = _adapt_foreign(model, skip, undo)
 
     plain = quantize and quantize_plain
     targets = []                              # (name, module, QConv2d/QLinear or None)
@@ -463,17 +494,28 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
             targets.append((name, m, qcls))
     kinds = {id(m): qcls for _, m, qcls in targets}
     groups = _unique((n, m) for n, m, _ in targets)
-    for i, (m, names) in enumerate(groups):
-        cfg = qcfg
-        for bits, here in ((first_bits, i == 0), (last_bits, i == len(groups) - 1)):
-            if bits is not None and here:
-                cfg = cfg.replace(w_bits=bits, a_bits=bits)
-        if kinds[id(m)] is None:
+    plan = []
+    try:
+        for i, (m, names) in enumerate(groups):
+            cfg = qcfg
+            for bits, here in ((first_bits, i == 0), (last_bits, i == len(groups) - 1)):
+                if bits is not None and here:
+                    cfg = cfg.replace(w_bits=bits, a_bits=bits)
+            q = None if kinds[id(m)] is None else _quantized_copy(m, kinds[id(m)], cfg,
+                                                                   names[0])
+            plan.append((m, names, cfg, q))
+    except BaseException:
+        _rollback(model, undo)
+        raise
+    for m, names, cfg, q in plan:
+        if q is None:
             m.enable_repq(cfg, quantize)
             continue
-        q = _quantized_copy(m, kinds[id(m)], cfg, names[0])
         for name in names:
             model = _replace(model, name, q)
+    for name, mod in model.named_modules():     # names for error messages
+        if isinstance(mod, LSQQuantizer):
+            mod.name = name
     return model
 
 

@@ -30,12 +30,14 @@ quantized layers are put on their integer grid; outputs may be nested tuples / l
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from repq_mm import convert_to_repq, merge_model
+    >>> from repq_mm import convert_to_repq
     >>> from repq_mm.rep import RepVGGBlock
     >>> net = nn.Sequential(RepVGGBlock(3, 8, act=nn.ReLU()), nn.Flatten(), nn.Linear(512, 4))
     >>> q = convert_to_repq(net, w_bits=4, a_bits=4).eval()
     >>> _ = q(torch.randn(2, 3, 8, 8))           # initialises the step sizes
-    >>> info = export_onnx(merge_model(q), torch.randn(1, 3, 8, 8), '/tmp/net.onnx')  # doctest: +SKIP
+    >>> info = export_onnx(q, torch.randn(1, 3, 8, 8), 'net.onnx')  # doctest: +SKIP
+    >>> info['int8']                   # doctest: +SKIP
+    2
 """
 from __future__ import annotations
 
@@ -234,6 +236,11 @@ def quantized_export_mode(model: nn.Module):
                          clip=clip, name=name):
                     order.append(name)
                     dev = x.device
+                    if axis >= 0:      # Min / Max bounds broadcast along the channel axis
+                        ax = axis % x.dim()
+                        shape = [-1] + [1] * (x.dim() - ax - 1)
+                        lo, hi = lo.reshape(shape), hi.reshape(shape)
+                        axis = ax
                     return _ActQDQ.apply(x, s.to(dev), lo.to(dev), hi.to(dev), qn, qp, axis,
                                          signed, clip)
                 q.forward = qact
@@ -488,6 +495,8 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
     for n, q in acts:
         def hook(mod, args, out, n=n):
             s = mod.scale().detach()
+            if mod.per_channel:
+                s = _bshape(s, mod.ch_axis % out.dim(), out.dim())
             torch_codes[n].append(torch.round(out / s).to(torch.int64).cpu().numpy())
         handles.append(q.register_forward_hook(hook))
     try:

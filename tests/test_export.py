@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import os.path as osp
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -145,6 +147,56 @@ def test_export_rejects_uninitialised_and_leaves_model_alone(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['q.onnx']
 
 
+def test_per_channel_activation_quantizer(tmp_path):
+    """Per-channel activation steps (not produced by QConfig, but valid LSQ): QDQ along
+    axis 1, the sub-8-bit clamp as element-wise Min / Max with per-channel bounds."""
+    from repq_mm.quant import LSQQuantizer
+    torch.manual_seed(0)
+    q = convert_to_repq(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)),
+                        w_bits=4, a_bits=4)
+    q[2].a_quant = LSQQuantizer(3, signed=False, per_channel=True, ch_axis=1,
+                                num_channels=4)
+    x = to_input(fmnist_images(3, 20))
+    q.eval()(x)
+    path = str(tmp_path / 'pc.onnx')
+    export_onnx(q, x[:1], path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert 'Min' in ops and 'Max' in ops
+    res = compare_onnx(q, path, x)
+    assert res['max_abs'] <= 1e-5 and all(v['max_diff'] == 0
+                                          for v in res['act_codes'].values())
+
+
+class _TwoHeads(nn.Module):
+    """A detector-like module: shared trunk, a list of two outputs per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(RepVGGBlock(1, 8, stride=2, act=nn.ReLU()),
+                                   RepVGGBlock(8, 8, act=nn.ReLU()))
+        self.cls = nn.Conv2d(8, 3, 1)
+        self.reg = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = self.trunk(x)
+        return [self.cls(f), self.reg(f)], f.mean((2, 3))
+
+
+def test_export_any_module_nested_outputs(tmp_path):
+    torch.manual_seed(0)
+    q = convert_to_repq(_TwoHeads(), w_bits=4, a_bits=4, per_channel=True)
+    x = to_input(fmnist_images(4, 7))
+    q.train()(x)
+    q.eval()
+    path = str(tmp_path / 'two.onnx')
+    info = export_onnx(q, x[:1], path)
+    assert info['output_names'] == ['output_0', 'output_1', 'output_2'] and info['int8'] == 4
+    res = compare_onnx(q, path, x)
+    assert res['num_outputs'] == 3 and res['max_abs'] <= res['one_step']
+    assert len(res['act_codes']) == 4 and all(v['max_diff'] <= 1
+                                              for v in res['act_codes'].values())
+
+
 # --------------------------------------------------------------------------------------
 # the tool on an mmpretrain classifier
 # --------------------------------------------------------------------------------------
@@ -189,7 +241,9 @@ def test_export_tool_mmpretrain_classifier(tmp_path):
     torch.save({'state_dict': model.state_dict()}, ckpt)
     paths = []
     for i, im in enumerate(fmnist_images(6, 500)):
-        paths.append(str(tmp_path / f'img{i}.png'))
+        d = tmp_path / 'val' / f'class{i % 3}'
+        d.mkdir(parents=True, exist_ok=True)
+        paths.append(str(d / f'img{i}.png'))
         cv2.imwrite(paths[-1], im)
     cfg = tmp_path / 'cfg.py'
     cfg.write_text(f"""
@@ -197,18 +251,38 @@ default_scope = 'mmpretrain'
 custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
 model = {ARCH!r}
 data_preprocessor = {dp!r}
-test_pipeline = [dict(type='RandomCrop', crop_size=32, padding=2), dict(type='PackInputs')]
-test_dataloader = dict(batch_size=4, dataset=dict(type='CustomDataset', data_root='x',
-                                                  pipeline=test_pipeline))
+test_pipeline = [dict(type='LoadImageFromFile', color_type='grayscale'),
+                 dict(type='RandomCrop', crop_size=32, padding=2), dict(type='PackInputs')]
+val_dataloader = dict(batch_size=3, num_workers=0,
+                      dataset=dict(type='CustomDataset', data_root={str(tmp_path / 'val')!r},
+                                   pipeline=test_pipeline),
+                      sampler=dict(type='DefaultSampler', shuffle=False))
+test_dataloader = val_dataloader
 repq = {repq!r}
 """)
     out, fp32 = str(tmp_path / 'out' / 'q.onnx'), str(tmp_path / 'out' / 'fp32.onnx')
-    assert tool.main([str(cfg), ckpt, out, '--fp32-out', fp32, '--check', *paths]) == 0
+    merged = str(tmp_path / 'merged')
+    assert tool.main([str(cfg), ckpt, out, '--fp32-out', fp32, '--check', *paths,
+                      '--merged-dir', merged]) == 0
     m, inits = _initializers(out)
     assert sum(v.data_type == onnx.TensorProto.INT8 for v in inits.values()) == 6
     assert m.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
     assert os.path.getsize(fp32) > os.path.getsize(out)
     assert sorted(os.listdir(tmp_path / 'out')) == ['fp32.onnx', 'q.onnx']
+    assert sorted(os.listdir(merged)) == ['deploy_config.py', 'int_weights.pth', 'merged.pth']
+    # merged checkpoints load with plain torch (no repq_mm / mmengine allowlist needed)
+    code = ('import sys, torch; [torch.load(p, map_location="cpu", weights_only=True) '
+            'for p in sys.argv[1:]]; print("ok")')
+    proc = subprocess.run([sys.executable, '-c', code, osp.join(merged, 'merged.pth'),
+                           osp.join(merged, 'int_weights.pth')], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr[-2000:]
+    # the merge_quant output (deploy config + merged.pth) exports to the same network
+    out3 = str(tmp_path / 'out' / 'from_merged.onnx')
+    assert tool.main([osp.join(merged, 'deploy_config.py'), osp.join(merged, 'merged.pth'),
+                      out3, '--check', *paths]) == 0
+    x = torch.randn(4, 1, 32, 32)
+    np.testing.assert_allclose(run_onnx(out, x)[0], run_onnx(out3, x)[0], rtol=0, atol=1e-6)
 
     # bad input: nothing written, exit status 1
     bad = tmp_path / 'bad.pth'

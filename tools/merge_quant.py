@@ -40,14 +40,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    cli.prepare_cfg(cfg)
     try:
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options is not None:
+            cfg.merge_from_dict(args.cfg_options)
+        cli.prepare_cfg(cfg)       # a bad `repq` section: KeyError / ValueError naming it
         res = merge_checkpoint(cfg, args.checkpoint, args.out_dir, overwrite=args.overwrite,
                                check_batches=args.check_batches, tol=args.tol)
-    except MergeError as e:
+    except (MergeError, KeyError, ValueError) as e:
         print(f'merge_quant: error: {e}', file=sys.stderr)
         return 1
     agree = 'n/a' if res['argmax_agree'] is None else f'{100 * res["argmax_agree"]:.2f}%'

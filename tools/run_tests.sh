@@ -6,5 +6,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash tools/setup_env.sh
 .venv/bin/python tools/dataset_converters/fetch_fashion_mnist.py --out data/fashion_mnist
+.venv/bin/python tools/dataset_converters/deepforest_trees.py --out data/trees
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 exec .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"

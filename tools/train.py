@@ -17,6 +17,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from repq_mm.mm import cli as _common  # noqa: E402
+from repq_mm.mm.ddp import setup_cpu_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -113,6 +114,7 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
     cfg = _common.prepare_cfg(cfg)
+    setup_cpu_distributed(cfg)   # CPU ranks: gloo, DDP without device_ids
 
     if 'runner_type' not in cfg:
         runner = Runner.from_cfg(cfg)

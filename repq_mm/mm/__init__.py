@@ -22,6 +22,7 @@ from .ddp import CPUCompatibleDDP, setup_cpu_distributed
 from .hooks import (BNEstHook, LSQCalibHook, calibrate_lsq, reestimate_bn, set_bn_mode,
                     step_stats)
 from .model import REPQ_DEFAULTS, RepQModel, check_repq_cfg, wrap_config
+from .nonfinite import NonFiniteCheckHook, first_nonfinite
 
 
 def _register_modules() -> None:
@@ -44,4 +45,5 @@ else:
 __all__ = ['RepQModel', 'wrap_config', 'check_repq_cfg', 'REPQ_DEFAULTS', 'LSQCalibHook',
            'BNEstHook', 'calibrate_lsq', 'reestimate_bn', 'set_bn_mode', 'step_stats',
            'SAFE_GLOBALS', 'register_safe_globals', 'safe_load', 'state_dict_of',
-           'CPUCompatibleDDP', 'setup_cpu_distributed']
+           'CPUCompatibleDDP', 'setup_cpu_distributed', 'NonFiniteCheckHook',
+           'first_nonfinite']

@@ -196,6 +196,8 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     if check_batches < 1:
         raise MergeError('--check-batches must be >= 1')
     checkpoint = osp.abspath(checkpoint)
+    if not osp.isfile(checkpoint):
+        raise MergeError(f'checkpoint {checkpoint} does not exist')
     out_dir = osp.abspath(out_dir)
     fingerprint = hashlib.sha256(
         (_sha256(checkpoint) + json.dumps(repq, sort_keys=True, default=str)
@@ -207,8 +209,16 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     qat_cfg = copy.deepcopy(model_cfg)
     qat_cfg['init_checkpoint'] = None
     qat = _build(qat_cfg, cfg)
-    ck = safe_load(checkpoint)
-    qat.load_state_dict(state_dict_of(ck), strict=True)
+    try:
+        ck = safe_load(checkpoint)
+    except Exception as e:  # noqa: BLE001 - truncated / corrupted / not a torch file
+        raise MergeError(f'cannot read checkpoint {checkpoint} (truncated or corrupted?): '
+                         f'{type(e).__name__}: {str(e)[:300]}') from None
+    try:
+        qat.load_state_dict(state_dict_of(ck), strict=True)
+    except RuntimeError as e:
+        raise MergeError(f'checkpoint {checkpoint} does not fit the model of the config '
+                         f'(another architecture or method?): {_first_lines(e)}') from None
     qat.eval()
     deploy = merge_model(qat, inplace=False).eval()
     snap_to_grid(deploy)
@@ -291,3 +301,10 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
 def _version() -> str:
     from .. import __version__
     return __version__
+
+
+def _first_lines(e: Exception, n: int = 4) -> str:
+    """The first ``n`` lines of an error message (load_state_dict lists every key)."""
+    lines = str(e).splitlines()
+    more = f'\n\t... ({len(lines) - n} more)' if len(lines) > n else ''
+    return '\n'.join(lines[:n]) + more

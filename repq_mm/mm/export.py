@@ -64,7 +64,7 @@ def build_merged_model(cfg: Config, checkpoint: str) -> tuple[nn.Module, bool]:
         model.load_state_dict(state_dict_of(ck), strict=True)
     except RuntimeError as e:
         raise ExportError(f'checkpoint {checkpoint} does not fit the model of the config '
-                          f'(another architecture or method?): {str(e)[:600]}') from None
+                          f'(another architecture or method?): {_first_lines(e)}') from None
     model.eval()
     if not repq['deploy']:
         model = merge_model(model, inplace=True).eval()
@@ -166,6 +166,8 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
 
     example = torch.zeros(input_shape)
     tmps = {}
+    new_dirs = [d for d in {osp.dirname(osp.abspath(p)) for p in (out, fp32_out) if p}
+                if not osp.exists(d)]
     try:
         tmps[out] = _tmp_next_to(out)
         info = export_onnx(model, example, tmps[out], opset=opset,
@@ -196,7 +198,18 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
         for tmp in tmps.values():
             if osp.exists(tmp):
                 os.remove(tmp)
+        if tmps:                 # failed: remove the folders made for the outputs
+            for d in new_dirs:
+                if osp.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
     info['path'] = osp.abspath(out)
     if fp32_out:
         info['fp32']['path'] = osp.abspath(fp32_out)
     return info
+
+
+def _first_lines(e: Exception, n: int = 4) -> str:
+    """The first ``n`` lines of an error message (load_state_dict lists every key)."""
+    lines = str(e).splitlines()
+    more = f'\n\t... ({len(lines) - n} more)' if len(lines) > n else ''
+    return '\n'.join(lines[:n]) + more

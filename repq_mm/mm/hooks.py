@@ -155,9 +155,14 @@ def calibrate_lsq(model: nn.Module, dataloader, num_batches: int = 1,
 
     gen = torch.Generator().manual_seed(0)
 
+    names = {id(q): n for n, q, _ in todo}
+
     def act_hook(q, args):
         x = args[0].detach().float()
         a = acc[id(q)]
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(f'LSQ calibration: non-finite values (nan/inf) in the '
+                                     f'input of {names[id(q)]} (batch {a[1] + 1})')
         if q.init_method == 'mse':   # keep a fixed-size random sample for the MSE search
             flat = x.reshape(-1)
             if flat.numel() > MSE_SAMPLES:

@@ -64,6 +64,9 @@ def check_repq_cfg(repq: dict | None) -> dict:
         KeyError: unknown key (with the closest valid key and the list of valid keys).
         ValueError: a bad value, naming the key.
     """
+    if repq is not None and not isinstance(repq, dict):      # ConfigDict is a dict
+        raise ValueError(f'repq must be a dict of settings, got {type(repq).__name__}: '
+                         f'{repq!r}')
     repq = dict(repq or {})
     unknown = [k for k in repq if k not in REPQ_DEFAULTS]
     if unknown:
@@ -280,6 +283,16 @@ def _warn_renamed_param_keys(cfg) -> None:
                   level=logging.WARNING)
 
 
+def _check_section_name(cfg) -> None:
+    """A config without ``repq`` but with a dict-valued top-level key spelled almost like it
+    (``reqp``, ``rep_q``) would silently train in full precision: refuse it."""
+    keys = [k for k in cfg.keys() if isinstance(cfg.get(k), dict)]
+    close = difflib.get_close_matches('repq', keys, n=1, cutoff=0.75)
+    if close:
+        raise KeyError(f'the config has no `repq` section but a top-level {close[0]!r}: did '
+                       "you mean 'repq'? (without it the model is not quantized)")
+
+
 def wrap_config(cfg, add_calib_hook: bool = True):
     """Make a config with a top-level ``repq`` dict use :class:`RepQModel` (in place).
 
@@ -291,8 +304,11 @@ def wrap_config(cfg, add_calib_hook: bool = True):
     """
     repq = cfg.get('repq', None)
     model = cfg.get('model', None)
-    if repq is None or model is None:
+    if repq is None:
+        _check_section_name(cfg)
         return cfg
+    if model is None:
+        raise KeyError('the config has a `repq` section but no `model` to apply it to')
     if str(model.get('type', '')).split('.')[-1] == 'RepQModel':
         return cfg
     repq = copy.deepcopy(dict(repq))

@@ -259,6 +259,10 @@ class LSQQuantizer(nn.Module):
         if world > 1:
             dist.all_reduce(s0)
             s0 /= world
+        if not bool(torch.isfinite(s0).all()):    # once per quantizer; NaN/inf reach s0
+            raise FloatingPointError(
+                f'LSQ quantizer {getattr(self, "name", "") or "(unnamed)"} ({self.extra_repr()}): '
+                f'non-finite values (nan/inf) in the tensor its step size is initialised from')
         s0 = s0.clamp(min=1e-6)
         if self.step.shape != s0.shape:
             self.step.data = s0.to(self.step)     # same Parameter object, new shape

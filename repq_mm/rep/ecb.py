@@ -33,6 +33,9 @@ class ECBBlock(RepBlock):
                  with_idt=False):
         super().__init__(in_channels, out_channels, 3, 1, 1, 1, act)
         mid = int(out_channels * depth_multiplier)
+        if mid < 1:
+            raise ValueError(f'ECBBlock: depth_multiplier={depth_multiplier} gives '
+                             f'{mid} expansion channels for out_channels={out_channels}')
         self.add_branch(ConvStage(in_channels, out_channels, 3, 1, 1, bias=True))
         self.add_branch(ConvStage(in_channels, mid, 1, bias=True),
                         ConvStage(mid, out_channels, 3, 1, 1, bias=True))

@@ -1,0 +1,295 @@
+"""Bad input gets a clear error naming the problem and leaves nothing half-done.
+
+* bit widths outside 2..8 / not ints, everywhere they enter (``QConfig``, ``repq`` dicts,
+  ``merge_quant``; ``LSQQuantizer`` / ``check_bits`` / ``convert_to_repq`` are covered in
+  ``test_lsq.py`` / ``test_convert.py``);
+* ``convert_to_repq``: ``skip`` entries that name nothing (e.g. a layer type), a block or
+  layer that cannot be converted after others could: the model is left as it was;
+* ``tools/merge_quant.py``: truncated / corrupted checkpoints, checkpoints of another
+  architecture, bad ``repq`` sections: exit status 1, a message naming the problem, OUT_DIR
+  untouched (a folder holding another model is refused unless ``--overwrite``);
+* configs: misspelled ``repq`` keys or section name, ``repq`` without ``model``;
+* non-finite inputs / step sizes: named at LSQ initialisation, in calibration and by
+  ``NonFiniteCheckHook``.
+About 15 s.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import os.path as osp
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from repq_mm import convert_to_repq
+from repq_mm.quant import QConfig
+from repq_mm.rep import RepVGGBlock
+
+try:
+    from test_mm_cls import data_root  # noqa: F401 (module-scoped fixture: tiny PNGs)
+except pytest.skip.Exception:   # mmpretrain / cv2 missing
+    data_root = None
+
+BAD_BITS = [0, 1, 9, 33, -4, 2.5, 8.0, '8', None, True]
+
+
+# --------------------------------------------------------------------------------------
+# bit widths
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize('field', ['w_bits', 'a_bits'])
+@pytest.mark.parametrize('bits', BAD_BITS)
+def test_qconfig_bits(field, bits):
+    with pytest.raises(ValueError, match=re.escape(repr(bits))):
+        QConfig(**{field: bits})
+    with pytest.raises(ValueError, match='bit width'):
+        QConfig.from_dict({field: bits})
+    with pytest.raises(ValueError, match='bit width'):
+        RepVGGBlock(4, 4).enable_repq(QConfig(**{field: bits}))
+
+
+@pytest.mark.parametrize('field', ['w_bits', 'a_bits', 'first_bits', 'last_bits'])
+@pytest.mark.parametrize('bits', BAD_BITS)
+def test_repq_cfg_bits(field, bits):
+    pytest.importorskip('mmengine')
+    from repq_mm.mm import check_repq_cfg
+    if bits is None and field in ('first_bits', 'last_bits'):
+        assert check_repq_cfg({field: None})[field] is None     # None: as the rest
+        return
+    with pytest.raises(ValueError, match=rf'repq\.{field}.*{re.escape(repr(bits))}'):
+        check_repq_cfg({field: bits})
+
+
+def test_good_bits_accepted():
+    for b in range(2, 9):
+        QConfig(w_bits=b, a_bits=b)
+
+
+# --------------------------------------------------------------------------------------
+# convert_to_repq
+# --------------------------------------------------------------------------------------
+def _snapshot(net):
+    return [(n, type(m), id(m)) for n, m in net.named_modules()], \
+        {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _unchanged(net, snap):
+    mods, sd = snap
+    now = _snapshot(net)
+    return now[0] == mods and now[1].keys() == sd.keys() and \
+        all(torch.equal(now[1][k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize('skip, match', [
+    (['RepVGGBlock'], "skip entry 'RepVGGBlock' matches no module"),
+    (['nn.Conv2d'], 'not layer types'),
+    (['head.*'], "matches no module of the model: .*top-level modules: \\['0', '1', '2'\\]"),
+    ([3], 'non-empty strings'),
+    ([''], 'non-empty strings'),
+])
+def test_skip_naming_nothing(skip, match):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), RepVGGBlock(4, 4), nn.Conv2d(4, 4, 1))
+    snap = _snapshot(net)
+    with pytest.raises(ValueError, match=match):
+        convert_to_repq(net, skip=skip)
+    assert _unchanged(net, snap)
+    convert_to_repq(net, skip=['1', '2*'])          # names / patterns that exist: fine
+
+
+def test_failed_conversion_leaves_model_as_it_was():
+    from test_convert import YoloV6RepVGGBlock, _Broken
+    torch.manual_seed(0)
+    # a foreign block that reads fine, then one that does not: the first stays foreign
+    net = nn.Sequential(YoloV6RepVGGBlock(4, 4), nn.Sequential(_Broken()))
+    snap = _snapshot(net)
+    with pytest.raises(ValueError, match=r"'1\.0'.*does not reproduce the forward"):
+        convert_to_repq(net)
+    assert _unchanged(net, snap)
+    # every block can be read, but a later plain conv cannot be quantized: the foreign
+    # block is put back, our block is not switched to RepQ
+    net = nn.Sequential(YoloV6RepVGGBlock(4, 4), RepVGGBlock(4, 4),
+                        nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'))
+    snap = _snapshot(net)
+    with pytest.raises(ValueError, match=r"cannot quantize '2'.*padding_mode"):
+        convert_to_repq(net, w_bits=4, a_bits=4)
+    assert _unchanged(net, snap)
+    assert not net[1].repq and net[1].w_quant is None and net[1].a_quant is None
+
+
+# --------------------------------------------------------------------------------------
+# non-finite values
+# --------------------------------------------------------------------------------------
+def test_nonfinite_at_initialisation_names_the_quantizer():
+    net = convert_to_repq(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(),
+                                        RepVGGBlock(4, 4, act=nn.ReLU())), w_bits=4, a_bits=4)
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float('nan')
+    with pytest.raises(FloatingPointError, match=r"LSQ quantizer 0\.a_quant .*non-finite"):
+        net(x)
+    net = convert_to_repq(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(),
+                                        RepVGGBlock(4, 4, act=nn.ReLU())), w_bits=4, a_bits=4)
+    with torch.no_grad():
+        net[2].branches[0][0].weight[0, 0, 0, 0] = float('inf')
+    with pytest.raises(FloatingPointError, match=r'LSQ quantizer 2\.w_quant'):
+        net(torch.randn(2, 3, 8, 8))
+
+
+def _tiny_repq_model():
+    pytest.importorskip('mmengine')
+    from mmengine.model import BaseModel
+
+    from repq_mm.mm import RepQModel
+
+    class Net(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.blk = RepVGGBlock(3, 4, act=nn.ReLU())
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, inputs, data_samples=None, mode='tensor'):
+            return self.fc(self.blk(inputs).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return RepQModel(Net(), repq=dict(w_bits=4, a_bits=4))
+
+
+def test_nonfinite_in_calibration_names_the_layer():
+    from repq_mm.mm import calibrate_lsq
+    model = _tiny_repq_model()
+    good = torch.rand(2, 3, 6, 6)
+    bad = good.clone()
+    bad[1, 2, 3, 3] = float('inf')
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError,
+                       match=r'input of architecture\.blk\.a_quant \(batch 2\)'):
+        calibrate_lsq(model, [dict(inputs=good), dict(inputs=bad)], 2)
+    after = model.state_dict()
+    # activation steps not initialised from a broken batch; modes restored
+    assert not int(after['architecture.blk.a_quant.initialized'])
+    assert torch.equal(before['architecture.fc.a_quant.step'],
+                       after['architecture.fc.a_quant.step'])
+    assert model.training
+
+
+def test_nonfinite_check_hook():
+    pytest.importorskip('mmengine')
+    from mmengine.registry import HOOKS
+
+    from repq_mm.mm import NonFiniteCheckHook, calibrate_lsq
+    assert HOOKS.get('NonFiniteCheckHook') is NonFiniteCheckHook
+    with pytest.raises(ValueError, match='interval'):
+        NonFiniteCheckHook(interval=0)
+    model = _tiny_repq_model()
+    calibrate_lsq(model, [dict(inputs=torch.rand(2, 3, 6, 6))], 1)
+    hook = NonFiniteCheckHook(interval=1)
+    runner = SimpleNamespace(model=model, iter=6)
+    hook.before_train(runner)
+    hook.after_train_iter(runner, 0, None, dict(loss=torch.tensor(0.5)))      # fine
+    with pytest.raises(FloatingPointError,
+                       match=r"iteration 7: loss\(es\) \['loss'\]; all step sizes"):
+        hook.after_train_iter(runner, 0, None, dict(loss=torch.tensor(float('nan'))))
+    with torch.no_grad():
+        model.architecture.fc.a_quant.step.fill_(float('nan'))
+        model.architecture.fc.weight[0, 0] = float('inf')
+    with pytest.raises(FloatingPointError,
+                       match=r'LSQ step size of architecture\.fc\.a_quant = \[nan\]; '
+                             r'parameter architecture\.fc\.weight'):
+        hook.after_train_iter(runner, 0, None, dict(loss=torch.tensor(0.5)))
+    # interval: iteration 7 is not checked with interval 2
+    NonFiniteCheckHook(interval=2).after_train_iter(runner, 0, None, {})
+
+
+# --------------------------------------------------------------------------------------
+# configs and merge_quant
+# --------------------------------------------------------------------------------------
+def test_config_sections():
+    pytest.importorskip('mmengine')
+    from mmengine.config import Config
+
+    from repq_mm.mm import check_repq_cfg, wrap_config
+    with pytest.raises(KeyError, match="did you mean 'repq'"):
+        wrap_config(Config(dict(model=dict(type='ImageClassifier'), reqp=dict(w_bits=4))))
+    with pytest.raises(KeyError, match="did you mean 'repq'"):
+        wrap_config(Config(dict(model=dict(type='ImageClassifier'), rep_q=dict(w_bits=4))))
+    with pytest.raises(KeyError, match='no `model`'):
+        wrap_config(Config(dict(repq=dict(w_bits=4))))
+    with pytest.raises(ValueError, match='repq must be a dict'):
+        check_repq_cfg([('w_bits', 4)])
+    with pytest.raises(KeyError, match="'bnmode' \\(did you mean 'bn_mode'\\?\\)"):
+        check_repq_cfg(dict(bnmode='est'))
+    cfg = Config(dict(model=dict(type='ImageClassifier'), train_cfg=dict(max_iters=1)))
+    assert wrap_config(cfg) is cfg                       # no repq at all: left alone
+
+
+def _tree_hash(d):
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(d)):
+        dirs.sort()
+        for f in sorted(files):
+            h.update(f.encode())
+            with open(osp.join(root, f), 'rb') as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def test_merge_quant_bad_input(tmp_path, capsys, data_root):  # noqa: F811
+    from test_mm_cls import ARCH, DATA_PREPROCESSOR, _build, _loader, merge_tool, write_config
+
+    from repq_mm.mm import calibrate_lsq
+    root = data_root
+    repq = dict(w_bits=4, a_bits=4)
+    cfg = write_config(tmp_path / 'cfg.py', root, repq)
+
+    def checkpoint(name, arch=ARCH, seed=0):
+        torch.manual_seed(seed)
+        model = _build(dict(type='RepQModel', architecture=arch, repq=repq,
+                            data_preprocessor=DATA_PREPROCESSOR))
+        calibrate_lsq(model, _loader(root), 1)
+        path = str(tmp_path / name)
+        torch.save({'state_dict': model.state_dict()}, path)
+        return path
+
+    good, other = checkpoint('good.pth'), checkpoint('other.pth', seed=1)
+    out = str(tmp_path / 'deploy')
+    assert merge_tool.main([cfg, good, out]) == 0
+    held = _tree_hash(out)
+    listing = sorted(os.listdir(tmp_path))
+
+    def refused(args, message):
+        capsys.readouterr()
+        assert merge_tool.main(args) == 1
+        err = capsys.readouterr().err
+        assert re.search(message, err, re.S), err
+        assert _tree_hash(out) == held                                 # untouched
+        assert sorted(os.listdir(tmp_path)) == listing                 # nothing new
+
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(open(good, 'rb').read()[:4096])
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint at all' * 10)
+    wide = dict(ARCH, backbone=dict(ARCH['backbone'], arch=dict(
+        ARCH['backbone']['arch'], width_factor=[0.5] * 4)),
+        head=dict(ARCH['head'], in_channels=256))
+    wide_ck = checkpoint('wide.pth', arch=wide)
+    listing = sorted(os.listdir(tmp_path))
+    for bad, msg in ((str(truncated), 'cannot read checkpoint .*truncated.pth'),
+                     (str(garbage), 'cannot read checkpoint .*garbage.pth'),
+                     (wide_ck, 'does not fit the model of the config .*size mismatch'),
+                     (str(tmp_path / 'missing.pth'), 'missing.pth does not exist')):
+        refused([cfg, bad, out, '--overwrite'], msg)       # even with --overwrite
+        refused([cfg, bad, str(tmp_path / 'new_out')], msg)
+    # another model in OUT_DIR: refused without --overwrite, replaced with it
+    refused([cfg, other, out], 'already holds a different model.*--overwrite')
+    for text, msg in (('repq = dict(w_bit=4)', "did you mean 'w_bits'"),
+                      ('repq = dict(w_bits=33)', r'repq\.w_bits: bit width must be in 2\.\.8'),
+                      ('repq = dict(a_bits=4.0)', r'repq\.a_bits')):
+        bad_cfg = tmp_path / 'bad_cfg.py'
+        bad_cfg.write_text(open(cfg).read() + text + '\n')
+        listing = sorted(os.listdir(tmp_path))
+        refused([str(bad_cfg), good, out, '--overwrite'], msg)
+    assert merge_tool.main([cfg, other, out, '--overwrite']) == 0
+    assert _tree_hash(out) != held
+

@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Tree-detection experiments: FP / LSQ baseline / RepQ-BN / RepQ-BNEst at W8A8 and W4A4.
+
+Train (or reuse) the full-precision YOLOv6-style (or YOLOv7-style) detector on the DeepForest
+tree tiles (``tools/dataset_converters/deepforest_trees.py``), then for every bit width and
+method fine-tune quantization-aware from it, evaluate the QAT model with ``tools/test.py``,
+merge it with ``tools/merge_quant.py`` and evaluate the merged checkpoint with the stock
+mmdet ``tools/test.py`` (COCO bbox mAP / mAP50 from mmdet's CocoMetric). Prints and writes a
+Markdown table to ``WORK_ROOT/<model>/results.md`` and all numbers to ``results.json``.
+
+    python tools/det_experiments.py                          # YOLOv6-n style, W8A8 + W4A4
+    python tools/det_experiments.py --model yolov7 --methods repq-bn --bits 8
+    python tools/det_experiments.py --quick                  # 1 iteration on 4 tiles (tests)
+    python tools/det_experiments.py --timing 6               # s/iteration of every config
+
+Every step runs as a subprocess with its log in its work dir; finished steps (a
+``result.json`` next to their log) are reused unless ``--force``.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import os.path as osp
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+MODELS = {
+    'yolov6': ('yolov6_trees', 'yolov6-n', ['lsq', 'repq-bn', 'repq-bnest']),
+    'yolov7': ('yolov7_trees', 'yolov7-tiny', ['lsq', 'repq-bn']),
+}
+METHODS = ['lsq', 'repq-bn', 'repq-bnest']
+LABELS = {'fp': 'FP (multi-branch)', 'lsq': 'LSQ baseline', 'repq-bn': 'RepQ-BN',
+          'repq-bnest': 'RepQ-BNEst'}
+MAP_RE = re.compile(r'coco/bbox_mAP:\s*([0-9.]+)')
+MAP50_RE = re.compile(r'coco/bbox_mAP_50:\s*([0-9.]+)')
+ITER_TIME_RE = re.compile(r'Epoch\(train\).*?\btime:\s*([0-9.]+)')
+QUICK = ['train_dataloader.dataset.indices=4', 'val_dataloader.dataset.indices=2',
+         'test_dataloader.dataset.indices=2', 'train_cfg.max_epochs=1',
+         'train_cfg.val_interval=1', 'default_hooks.logger.interval=1']
+
+
+def stock_test_tool() -> str:
+    spec = importlib.util.find_spec('mmdet')
+    path = osp.join(spec.submodule_search_locations[0], '.mim', 'tools', 'test.py')
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'stock mmdet tools/test.py not found at {path}')
+    return path
+
+
+def run(cmd, log_path, label, threads):
+    """Run a command, log its output, show progress; return the output."""
+    os.makedirs(osp.dirname(log_path), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS='ignore')
+    t0 = time.time()
+    print(f'  [{time.strftime("%H:%M:%S")}] {label} ...', flush=True)
+    out = []
+    with open(log_path, 'w', buffering=1) as log, subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) as p:
+        log.write(' '.join(cmd) + '\n')
+        last = 0.0
+        for line in p.stdout:
+            log.write(line)
+            out.append(line)
+            m = re.search(r'(Epoch|Iter)\((train|val|test)\)\s*\[(.*?)\]\s*\[(\d+)/(\d+)\]', line)
+            if m and time.time() - last > 60:
+                last = time.time()
+                print(f'      {m.group(2)} epoch {m.group(3)} iter {m.group(4)}/{m.group(5)} '
+                      f'({time.time() - t0:.0f} s)', flush=True)
+    if p.returncode:
+        tail = ''.join(out[-30:])
+        raise SystemExit(f'{label} failed (exit {p.returncode}); log: {log_path}\n{tail}')
+    print(f'      done in {time.time() - t0:.0f} s', flush=True)
+    return ''.join(out)
+
+
+def bbox_map(output: str, what: str) -> dict:
+    m, m50 = MAP_RE.findall(output), MAP50_RE.findall(output)
+    if not m or not m50:
+        raise SystemExit(f'no coco/bbox_mAP in the output of {what}')
+    return dict(mAP=float(m[-1]), mAP50=float(m50[-1]))
+
+
+def iter_time(output: str):
+    """Median logged training time per iteration (s), first logged window excluded."""
+    t = [float(x) for x in ITER_TIME_RE.findall(output)]
+    t = t[1:] if len(t) > 1 else t
+    return statistics.median(t) if t else None
+
+
+def last_checkpoint(work_dir: str) -> str:
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
+def cached(work_dir, force):
+    path = osp.join(work_dir, 'result.json')
+    if not force and osp.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def save(work_dir, result):
+    with open(osp.join(work_dir, 'result.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def config(args, method, bits=None):
+    folder, prefix, _ = MODELS[args.model]
+    name = f'{prefix}_fp_trees' if method == 'fp' else f'{prefix}_{method}_w{bits}a{bits}_trees'
+    path = osp.join(ROOT, 'configs', folder, name + '.py')
+    if not osp.isfile(path):
+        raise SystemExit(f'no config {path}')
+    return name, path
+
+
+def run_fp(args, opts):
+    wd = osp.join(args.work_root, 'fp')
+    res = cached(wd, args.force)
+    if res:
+        print(f'  FP: reusing {wd}')
+        return res
+    if args.fp_checkpoint:
+        ckpt = osp.abspath(args.fp_checkpoint)
+        res = dict(checkpoint=ckpt)
+    else:
+        py = sys.executable
+        _, cfg = config(args, 'fp')
+        out = run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options',
+                   f'randomness.seed={args.seed}', *opts], osp.join(wd, 'train.log'),
+                  f'train FP {args.model}', args.threads)
+        ckpt = last_checkpoint(wd)
+        res = dict(checkpoint=ckpt, s_per_iter=iter_time(out))
+    _, cfg = config(args, 'fp')
+    out = run([sys.executable, 'tools/test.py', cfg, ckpt, '--work-dir', osp.join(wd, 'test'),
+               *(['--cfg-options', *opts] if opts else [])], osp.join(wd, 'test.log'),
+              'test FP', args.threads)
+    res.update(bbox_map(out, 'FP test'))
+    os.makedirs(wd, exist_ok=True)
+    return save(wd, res)
+
+
+def run_quant(args, method, bits, fp_ckpt, opts):
+    name, cfg = config(args, method, bits)
+    wd = osp.join(args.work_root, f'{method}_w{bits}a{bits}')
+    res = cached(wd, args.force)
+    if res:
+        print(f'  {name}: reusing {wd}')
+        return res
+    py = sys.executable
+    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={args.seed}', *opts]
+    label = f'{LABELS[method]} W{bits}A{bits}'
+    out = run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options', *common],
+              osp.join(wd, 'train.log'), f'{label}: QAT', args.threads)
+    res = dict(s_per_iter=iter_time(out))
+    ckpt = last_checkpoint(wd)
+    out = run([py, 'tools/test.py', cfg, ckpt, '--work-dir', osp.join(wd, 'test'),
+               '--cfg-options', *common], osp.join(wd, 'test.log'), f'{label}: test QAT',
+              args.threads)
+    res.update(bbox_map(out, label), checkpoint=ckpt)
+    mdir = osp.join(wd, 'merged')
+    out = run([py, 'tools/merge_quant.py', cfg, ckpt, mdir, '--overwrite',
+               '--cfg-options', *common], osp.join(wd, 'merge.log'),
+              f'{label}: merge_quant', args.threads)
+    check = [ln for ln in out.splitlines() if ln.startswith('max abs diff')]
+    if check:
+        print('      ' + check[-1][:300])
+    out = run([py, stock_test_tool(), osp.join(mdir, 'deploy_config.py'),
+               osp.join(mdir, 'merged.pth'), '--work-dir', osp.join(mdir, 'test')],
+              osp.join(wd, 'test_merged.log'), f'{label}: stock mmdet test of the merged '
+              'model', args.threads)
+    merged = bbox_map(out, label + ' merged')
+    res.update(merged_mAP=merged['mAP'], merged_mAP50=merged['mAP50'])
+    return save(wd, res)
+
+
+def timing(args):
+    """Train every config for ``args.timing`` iterations at its real size (no validation,
+    no checkpoint use) and report the median s/iteration."""
+    n = args.timing
+    opts = [f'train_dataloader.dataset.indices={4 * (n + 1)}', 'train_cfg.max_epochs=1',
+            'train_cfg.val_interval=100', 'default_hooks.logger.interval=1',
+            'default_hooks.checkpoint.interval=100', 'log_processor.window_size=1']
+    rows = []
+    jobs = [('fp', None)] + [(m, b) for b in args.bits for m in args.methods]
+    for method, bits in jobs:
+        name, cfg = config(args, method, bits)
+        wd = osp.join(args.work_root, 'timing', name)
+        extra = [] if method == 'fp' else ['repq.init_checkpoint=None']
+        out = run([sys.executable, 'tools/train.py', cfg, '--work-dir', wd, '--no-validate',
+                   '--cfg-options', *opts, *extra], osp.join(wd, 'train.log'),
+                  f'timing {name}', args.threads)
+        t = iter_time(out)
+        rows.append((name, t))
+        print(f'      {name}: {t:.2f} s/iteration (batch 4, 416 px, {args.threads} threads)',
+              flush=True)
+    md = '| config | s / iteration |\n|---|---|\n' + '\n'.join(
+        f'| {n} | {t:.2f} |' for n, t in rows)
+    print('\n' + md)
+    os.makedirs(args.work_root, exist_ok=True)
+    with open(osp.join(args.work_root, 'timing.md'), 'w') as f:
+        f.write(md + '\n')
+    return 0
+
+
+def fmt(res, key):
+    v = res.get(key) if res else None
+    return '–' if v is None else f'{v:.3f}'
+
+
+def table(results, bits_list, methods):
+    head = ['method']
+    for b in bits_list:
+        head += [f'W{b}A{b} mAP', f'W{b}A{b} mAP50', f'W{b}A{b} merged mAP (stock test)',
+                 f'W{b}A{b} merged mAP50']
+    lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
+    fp = results['fp']
+    lines.append(f'| {LABELS["fp"]} | ' + ' | '.join(
+        f'{fmt(fp, "mAP")} | {fmt(fp, "mAP50")} | – | –' for _ in bits_list) + ' |')
+    for m in methods:
+        cells = []
+        for b in bits_list:
+            r = results.get((m, b))
+            cells.append(' | '.join(fmt(r, k) for k in ('mAP', 'mAP50', 'merged_mAP',
+                                                          'merged_mAP50')))
+        lines.append(f'| {LABELS[m]} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--model', default='yolov6', choices=sorted(MODELS))
+    ap.add_argument('--bits', type=int, nargs='+', default=[8, 4])
+    ap.add_argument('--methods', nargs='*', default=None, choices=METHODS,
+                    help='default: every method with a config for --model')
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--fp-checkpoint', help='use this FP checkpoint instead of training one')
+    ap.add_argument('--work-root', help='default: work_dirs/det_trees[_quick]/<model>')
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--quick', action='store_true',
+                    help='1 iteration on 4 training tiles, 2 val tiles (smoke test)')
+    ap.add_argument('--timing', type=int, metavar='N',
+                    help='only measure s/iteration of every config over N iterations')
+    ap.add_argument('--force', action='store_true', help='recompute finished steps')
+    args = ap.parse_args(argv)
+    if args.methods is None:
+        args.methods = MODELS[args.model][2]
+    if args.work_root is None:
+        args.work_root = osp.join(ROOT, 'work_dirs',
+                                  'det_trees_quick' if args.quick else 'det_trees', args.model)
+    args.work_root = osp.abspath(args.work_root)
+    if args.timing:
+        return timing(args)
+    opts = QUICK if args.quick else []
+    t0 = time.time()
+    print(f'== {args.model} on the DeepForest tree tiles', flush=True)
+    results = {'fp': run_fp(args, opts)}
+    print(f'  FP: bbox mAP {results["fp"]["mAP"]:.3f}, mAP50 {results["fp"]["mAP50"]:.3f}',
+          flush=True)
+    for bits in args.bits:
+        for m in args.methods:
+            r = results[(m, bits)] = run_quant(args, m, bits, results['fp']['checkpoint'], opts)
+            print(f'  {LABELS[m]} W{bits}A{bits}: mAP {r["mAP"]:.3f} / mAP50 {r["mAP50"]:.3f}'
+                  f' (merged, stock mmdet test: {r["merged_mAP"]:.3f} / '
+                  f'{r["merged_mAP50"]:.3f})', flush=True)
+    md = table(results, args.bits, args.methods)
+    head = (f'DeepForest tree tiles (val: 9 tiles, 161 boxes), {args.model}, COCO bbox mAP'
+            f'{" (QUICK smoke run)" if args.quick else ""}, {time.time() - t0:.0f} s\n\n')
+    print('\n' + head + md)
+    os.makedirs(args.work_root, exist_ok=True)
+    with open(osp.join(args.work_root, 'results.md'), 'w') as f:
+        f.write(head + md + '\n')
+    with open(osp.join(args.work_root, 'results.json'), 'w') as f:
+        json.dump({('fp' if k == 'fp' else f'{k[0]}_w{k[1]}a{k[1]}'): v
+                   for k, v in results.items()}, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
