@@ -9,7 +9,8 @@ from .rep import REP_BLOCKS, RepBlock
 from .convert import convert_to_repq, merge_model
 
 __version__ = '0.1.0'
-__all__ = ['LSQQuantizer', 'QConfig', 'QConv2d', 'QLinear', 'REP_BLOCKS', 'RepBlock']
+__all__ = ['LSQQuantizer', 'QConfig', 'QConv2d', 'QLinear', 'REP_BLOCKS', 'RepBlock',
+           'convert_to_repq', 'merge_model']
 
 # OpenMMLab registration, only where mmengine is installed (the core stays torch-only).
 try:

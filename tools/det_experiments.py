@@ -17,17 +17,18 @@ Every step runs as a subprocess with its log in its work dir; finished steps (a
 ``result.json`` next to their log) are reused unless ``--force``.
 """
 import argparse
-import importlib.util
 import json
 import os
 import os.path as osp
 import re
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from experiment_utils import (ROOT, cached, last_checkpoint, run, save,  # noqa: E402
+                              stock_test_tool)
+
 MODELS = {
     'yolov6': ('yolov6_trees', 'yolov6-n', ['lsq', 'repq-bn', 'repq-bnest']),
     'yolov7': ('yolov7_trees', 'yolov7-tiny', ['lsq', 'repq-bn']),
@@ -43,41 +44,6 @@ QUICK = ['train_dataloader.dataset.indices=4', 'val_dataloader.dataset.indices=2
          'train_cfg.val_interval=1', 'default_hooks.logger.interval=1']
 
 
-def stock_test_tool() -> str:
-    spec = importlib.util.find_spec('mmdet')
-    path = osp.join(spec.submodule_search_locations[0], '.mim', 'tools', 'test.py')
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'stock mmdet tools/test.py not found at {path}')
-    return path
-
-
-def run(cmd, log_path, label, threads):
-    """Run a command, log its output, show progress; return the output."""
-    os.makedirs(osp.dirname(log_path), exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS='ignore')
-    t0 = time.time()
-    print(f'  [{time.strftime("%H:%M:%S")}] {label} ...', flush=True)
-    out = []
-    with open(log_path, 'w', buffering=1) as log, subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True) as p:
-        log.write(' '.join(cmd) + '\n')
-        last = 0.0
-        for line in p.stdout:
-            log.write(line)
-            out.append(line)
-            m = re.search(r'(Epoch|Iter)\((train|val|test)\)\s*\[(.*?)\]\s*\[(\d+)/(\d+)\]', line)
-            if m and time.time() - last > 60:
-                last = time.time()
-                print(f'      {m.group(2)} epoch {m.group(3)} iter {m.group(4)}/{m.group(5)} '
-                      f'({time.time() - t0:.0f} s)', flush=True)
-    if p.returncode:
-        tail = ''.join(out[-30:])
-        raise SystemExit(f'{label} failed (exit {p.returncode}); log: {log_path}\n{tail}')
-    print(f'      done in {time.time() - t0:.0f} s', flush=True)
-    return ''.join(out)
-
-
 def bbox_map(output: str, what: str) -> dict:
     m, m50 = MAP_RE.findall(output), MAP50_RE.findall(output)
     if not m or not m50:
@@ -90,25 +56,6 @@ def iter_time(output: str):
     t = [float(x) for x in ITER_TIME_RE.findall(output)]
     t = t[1:] if len(t) > 1 else t
     return statistics.median(t) if t else None
-
-
-def last_checkpoint(work_dir: str) -> str:
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        return f.read().strip()
-
-
-def cached(work_dir, force):
-    path = osp.join(work_dir, 'result.json')
-    if not force and osp.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
-
-
-def save(work_dir, result):
-    with open(osp.join(work_dir, 'result.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    return result
 
 
 def config(args, method, bits=None):
@@ -171,7 +118,7 @@ def run_quant(args, method, bits, fp_ckpt, opts):
     check = [ln for ln in out.splitlines() if ln.startswith('max abs diff')]
     if check:
         print('      ' + check[-1][:300])
-    out = run([py, stock_test_tool(), osp.join(mdir, 'deploy_config.py'),
+    out = run([py, stock_test_tool('mmdet'), osp.join(mdir, 'deploy_config.py'),
                osp.join(mdir, 'merged.pth'), '--work-dir', osp.join(mdir, 'test')],
               osp.join(wd, 'test_merged.log'), f'{label}: stock mmdet test of the merged '
               'model', args.threads)

@@ -15,17 +15,18 @@ Every step runs as a subprocess with its log in its work dir; finished steps (a
 ``result.json`` next to their log) are reused unless ``--force``.
 """
 import argparse
-import importlib.util
 import json
 import os
 import os.path as osp
 import re
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from experiment_utils import (ROOT, cached, cfg_opts, run, save, stock_test_tool,  # noqa: E402
+                              train)
+
 CFG_DIR = osp.join(ROOT, 'configs', 'repvgg_fmnist')
 METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc']
 LABELS = {'fp': 'FP (multi-branch)', 'ptq': 'PTQ (merged)', 'lsq': 'LSQ baseline',
@@ -37,80 +38,11 @@ QUICK = ['train_dataloader.dataset.indices=512', 'val_dataloader.dataset.indices
          'default_hooks.logger.interval=1']
 
 
-def stock_test_tool() -> str:
-    spec = importlib.util.find_spec('mmpretrain')
-    path = osp.join(spec.submodule_search_locations[0], '.mim', 'tools', 'test.py')
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'stock mmpretrain tools/test.py not found at {path}')
-    return path
-
-
-def run(cmd, log_path, label, threads):
-    """Run a command, log its output, show progress; return the output."""
-    os.makedirs(osp.dirname(log_path), exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS='ignore')
-    t0 = time.time()
-    print(f'  [{time.strftime("%H:%M:%S")}] {label} ...', flush=True)
-    out = []
-    with open(log_path, 'w', buffering=1) as log, subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True) as p:
-        log.write(' '.join(cmd) + '\n')
-        last = 0.0
-        for line in p.stdout:
-            log.write(line)
-            out.append(line)
-            m = re.search(r'(Epoch|Iter)\((train|val|test)\)\s*\[(.*?)\]\s*\[(\d+)/(\d+)\]', line)
-            if m and time.time() - last > 30:
-                last = time.time()
-                print(f'      {m.group(2)} epoch {m.group(3)} iter {m.group(4)}/{m.group(5)} '
-                      f'({time.time() - t0:.0f} s)', flush=True)
-    if p.returncode:
-        tail = ''.join(out[-30:])
-        raise SystemExit(f'{label} failed (exit {p.returncode}); log: {log_path}\n{tail}')
-    print(f'      done in {time.time() - t0:.0f} s', flush=True)
-    return ''.join(out)
-
-
 def accuracy(output: str, what: str) -> float:
     found = ACC_RE.findall(output)
     if not found:
         raise SystemExit(f'no accuracy/top1 in the output of {what}')
     return float(found[-1])
-
-
-def last_checkpoint(work_dir: str) -> str:
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        return f.read().strip()
-
-
-def cached(work_dir, force):
-    path = osp.join(work_dir, 'result.json')
-    if not force and osp.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
-
-
-def save(work_dir, result):
-    with open(osp.join(work_dir, 'result.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    return result
-
-
-def cfg_opts(opts):
-    return ['--cfg-options', *opts] if opts else []
-
-
-def train(cmd, wd, label, threads):
-    """Run a training command unless a previous run of it finished (``train_done``)."""
-    done = osp.join(wd, 'train_done')
-    if osp.isfile(done):
-        print(f'  {label}: reusing the finished training in {wd}')
-    else:
-        run(cmd, osp.join(wd, 'train.log'), label, threads)
-        open(done, 'w').close()
-    return last_checkpoint(wd)
 
 
 def run_fp(args, seed, opts):
@@ -157,7 +89,7 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
                    '--cfg-options', *common], osp.join(wd, 'merge.log'),
                   f'{label}: merge_quant', args.threads)
         print('      ' + '\n      '.join(l for l in out.splitlines() if 'max' in l.lower())[-400:])
-        out = run([py, stock_test_tool(), osp.join(mdir, 'deploy_config.py'),
+        out = run([py, stock_test_tool('mmpretrain'), osp.join(mdir, 'deploy_config.py'),
                    osp.join(mdir, 'merged.pth'), '--work-dir', osp.join(mdir, 'test'),
                    *cfg_opts(opts)],
                   osp.join(wd, 'test_merged.log'), f'{label}: stock mmpretrain test of the '
@@ -175,7 +107,7 @@ def fmt(values):
 
 
 def table(results, seeds, bits_list):
-    lines = [f'| method | ' + ' | '.join(f'W{b}A{b} top-1 (%)' for b in bits_list) +
+    lines = ['| method | ' + ' | '.join(f'W{b}A{b} top-1 (%)' for b in bits_list) +
              ' | ' + ' | '.join(f'W{b}A{b} merged, stock test (%)' for b in bits_list) + ' |',
              '|---' * (1 + 2 * len(bits_list)) + '|']
     fp = [results[s]['fp']['acc'] for s in seeds]

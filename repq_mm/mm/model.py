@@ -17,14 +17,13 @@ import copy
 import difflib
 import logging
 
-import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
 from ..convert import convert_to_repq, merge_model
-from ..quant import BN_MODES, LSQQuantizer, check_bits
+from ..quant import BN_MODES, check_bits
 from .checkpoint import register_safe_globals
 
 #: valid keys of the ``repq`` dict and their defaults

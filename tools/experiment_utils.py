@@ -1,0 +1,86 @@
+"""Helpers shared by tools/fmnist_experiments.py and tools/det_experiments.py: run a tool
+as a logged subprocess with progress, reuse finished steps, find the stock test tools."""
+import importlib.util
+import json
+import os
+import os.path as osp
+import re
+import subprocess
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PROGRESS_RE = re.compile(r'(Epoch|Iter)\((train|val|test)\)\s*\[(.*?)\]\s*\[(\d+)/(\d+)\]')
+
+
+def stock_test_tool(package: str) -> str:
+    """``tools/test.py`` shipped inside an OpenMMLab package (``mmpretrain`` / ``mmdet``)."""
+    spec = importlib.util.find_spec(package)
+    path = osp.join(spec.submodule_search_locations[0], '.mim', 'tools', 'test.py')
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'stock {package} tools/test.py not found at {path}')
+    return path
+
+
+def run(cmd, log_path, label, threads, every=30.0):
+    """Run a command in ROOT, log its output, print progress every ``every`` seconds;
+    return the output. Exits with the log tail when the command fails."""
+    os.makedirs(osp.dirname(log_path), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS='ignore')
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # no spinning when runs share the cores
+    t0 = time.time()
+    print(f'  [{time.strftime("%H:%M:%S")}] {label} ...', flush=True)
+    out = []
+    with open(log_path, 'w', buffering=1) as log, subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) as p:
+        log.write(' '.join(cmd) + '\n')
+        last = 0.0
+        for line in p.stdout:
+            log.write(line)
+            out.append(line)
+            m = PROGRESS_RE.search(line)
+            if m and time.time() - last > every:
+                last = time.time()
+                print(f'      {m.group(2)} epoch {m.group(3)} iter {m.group(4)}/{m.group(5)} '
+                      f'({time.time() - t0:.0f} s)', flush=True)
+    if p.returncode:
+        tail = ''.join(out[-30:])
+        raise SystemExit(f'{label} failed (exit {p.returncode}); log: {log_path}\n{tail}')
+    print(f'      done in {time.time() - t0:.0f} s', flush=True)
+    return ''.join(out)
+
+
+def cfg_opts(opts):
+    return ['--cfg-options', *opts] if opts else []
+
+
+def last_checkpoint(work_dir: str) -> str:
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
+def train(cmd, wd, label, threads):
+    """Run a training command unless a previous run of it finished (``train_done``);
+    return the last checkpoint."""
+    done = osp.join(wd, 'train_done')
+    if osp.isfile(done):
+        print(f'  {label}: reusing the finished training in {wd}')
+    else:
+        run(cmd, osp.join(wd, 'train.log'), label, threads)
+        open(done, 'w').close()
+    return last_checkpoint(wd)
+
+
+def cached(work_dir, force):
+    """The saved ``result.json`` of a finished step (``None`` if absent or ``force``)."""
+    path = osp.join(work_dir, 'result.json')
+    if not force and osp.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def save(work_dir, result):
+    with open(osp.join(work_dir, 'result.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    return result
