@@ -522,7 +522,9 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
 def merge_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every rep block (foreign ones are read first) by its ``to_deploy()`` form:
     one ``nn.Conv2d`` (full precision) or ``QConv2d`` (quantized, weight already on the
-    integer grid), followed by the block's ``act``.
+    integer grid), followed by the block's ``act``; the weights of the other quantized
+    ``QConv2d`` / ``QLinear`` layers are put on their grid too (:func:`snap_to_grid`), so
+    every quantized weight of the result is ``codes * scale``.
 
     In eval mode the result computes what ``model`` computes (to float rounding; for a RepQ
     model exactly its quantized eval output). On a full-precision model this gives the
@@ -559,4 +561,20 @@ def merge_model(model: nn.Module, inplace: bool = False) -> nn.Module:
             deployed[0].training = blk.training
         for name in names:
             model = _replace(model, name, deployed)
+    snap_to_grid(model)
     return model
+
+
+@torch.no_grad()
+def snap_to_grid(model: nn.Module) -> int:
+    """``weight <- Q_w(weight)`` for every ``QConv2d`` / ``QLinear`` whose weight quantizer
+    is enabled and initialised (what their forward uses anyway, so outputs do not change).
+    Returns the number of layers."""
+    n = 0
+    for m in model.modules():
+        q = getattr(m, 'w_quant', None)
+        if isinstance(m, (QConv2d, QLinear)) and q is not None and q.enabled and \
+                q.is_initialized:
+            m.weight.copy_(q(m.weight))
+            n += 1
+    return n

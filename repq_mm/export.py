@@ -54,11 +54,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .convert import snap_to_grid
 from .quant import LSQQuantizer, QConv2d, QLinear
 from .rep import RepBlock
 
 __all__ = ['export_onnx', 'export_fp32_onnx', 'quantized_export_mode', 'run_onnx',
-           'compare_onnx', 'ExportError', 'snap_weights_to_grid', 'DEFAULT_OPSET']
+           'compare_onnx', 'ExportError', 'DEFAULT_OPSET']
 
 DEFAULT_OPSET = 17
 META_KEY = 'repq_mm.quantizers'
@@ -143,20 +144,6 @@ def _static_len(v) -> int:
 # --------------------------------------------------------------------------------------
 # preparing the model
 # --------------------------------------------------------------------------------------
-@torch.no_grad()
-def snap_weights_to_grid(model: nn.Module) -> int:
-    """``weight <- Q_w(weight)`` for every ``QConv2d`` / ``QLinear`` with a weight quantizer
-    (what their forward uses anyway; merged rep blocks already are on the grid)."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, (QConv2d, QLinear)) and m.w_quant is not None and m.w_quant.enabled:
-            if not m.w_quant.is_initialized:
-                continue
-            m.weight.copy_(m.w_quant(m.weight))
-            n += 1
-    return n
-
-
 def _describe(name: str, q: LSQQuantizer, kind: str) -> dict:
     qn, qp = q.qrange
     signed = bool(q.is_signed) if kind == 'act' else True
@@ -270,7 +257,7 @@ def _prepare(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval()
     if any(isinstance(m, RepBlock) for m in model.modules()) or find_rep_blocks(model):
         model = merge_model(model, inplace=True).eval()
-    snap_weights_to_grid(model)
+    snap_to_grid(model)
     for m in model.modules():                 # drop eval-mode weight caches
         if '_wcache' in m.__dict__:
             m.__dict__['_wcache'] = None

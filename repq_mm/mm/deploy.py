@@ -62,19 +62,6 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def snap_to_grid(model: nn.Module) -> int:
-    """Put the weight of every quantized plain ``QConv2d`` / ``QLinear`` on its integer grid
-    (``weight <- Q_w(weight)``, what the forward uses anyway; merged rep blocks already are),
-    so every quantized weight in a deploy checkpoint is ``codes * scale``. Returns the count."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, (QConv2d, QLinear)) and m.w_quant is not None:
-            m.weight.copy_(m.w_quant(m.weight))
-            n += 1
-    return n
-
-
-@torch.no_grad()
 def export_int_weights(model: nn.Module) -> dict:
     """``{name: record}`` for every ``QConv2d`` / ``QLinear`` with a weight quantizer:
     ``codes`` (int8), ``scale`` (weight step, per tensor or per output channel), ``bias``,
@@ -90,7 +77,7 @@ def export_int_weights(model: nn.Module) -> dict:
         err = (codes.float() * sb - w).abs().max().item() if w.numel() else 0.0
         if err > 1e-5 * max(float(sb.max()), 1e-12):
             raise MergeError(f'{name}: weight is not on its integer grid (max |codes*scale - '
-                             f'weight| = {err:.3g}); call snap_to_grid() first')
+                             f'weight| = {err:.3g}); merge it with repq_mm.merge_model first')
         rec = dict(kind='conv' if isinstance(m, QConv2d) else 'linear',
                    codes=codes.cpu(), scale=scale.cpu().float(),
                    w_bits=m.w_quant.bits, per_channel=bool(m.w_quant.per_channel),
@@ -220,8 +207,7 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
         raise MergeError(f'checkpoint {checkpoint} does not fit the model of the config '
                          f'(another architecture or method?): {_first_lines(e)}') from None
     qat.eval()
-    deploy = merge_model(qat, inplace=False).eval()
-    snap_to_grid(deploy)
+    deploy = merge_model(qat, inplace=False).eval()   # weights on the integer grid
 
     # the deploy config, and the model it builds must take the merged weights exactly
     deploy_model_cfg = copy.deepcopy(model_cfg)

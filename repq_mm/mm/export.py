@@ -23,8 +23,7 @@ from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
 from ..convert import merge_model
-from ..export import (ExportError, compare_onnx, export_fp32_onnx, export_onnx,
-                      snap_weights_to_grid, summary_lines)
+from ..export import ExportError, compare_onnx, export_fp32_onnx, export_onnx, summary_lines
 from .checkpoint import safe_load, state_dict_of
 from .model import check_repq_cfg
 
@@ -67,8 +66,7 @@ def build_merged_model(cfg: Config, checkpoint: str) -> tuple[nn.Module, bool]:
                           f'(another architecture or method?): {_first_lines(e)}') from None
     model.eval()
     if not repq['deploy']:
-        model = merge_model(model, inplace=True).eval()
-        snap_weights_to_grid(model)
+        model = merge_model(model, inplace=True).eval()   # weights on the integer grid
     return model, repq['deploy']
 
 
