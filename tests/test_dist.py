@@ -20,6 +20,7 @@ import json
 import os
 import os.path as osp
 import socket
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -123,13 +124,21 @@ def test_dist_train_two_cpu_ranks(tmp_path, data_root):  # noqa: F811
                        dict(w_bits=4, a_bits=4, bn_mode='est', per_channel=True), hooks,
                        max_iters=3, ckpt_interval=3, extra=extra)
     wd = str(tmp_path / 'wd')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, PORT=str(_free_port()),
-               CUDA_VISIBLE_DEVICES='',
-               PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path),
-                                           os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), cfg, '2',
-                           '--work-dir', wd, '--no-pin-memory'],
-                          env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        # a fresh port each time; one retry because the rendezvous of two CPU processes can
+        # fail for reasons outside the code under test (port taken between probe and bind)
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable,
+                   PORT=str(_free_port()), CUDA_VISIBLE_DEVICES='',
+                   PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path),
+                                               os.environ.get('PYTHONPATH', '')]))
+        proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), cfg, '2',
+                               '--work-dir', wd, '--no-pin-memory'],
+                              env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+        sys.stderr.write(f'dist_train attempt {attempt} failed:\n'
+                         f'{(proc.stdout + proc.stderr)[-6000:]}\n')
+        shutil.rmtree(wd, ignore_errors=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert 'accuracy/top1' in proc.stdout + proc.stderr          # validation ran too
     recs = []
