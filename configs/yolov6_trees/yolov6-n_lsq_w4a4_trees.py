@@ -1,6 +1,6 @@
 # The paper's LSQ baseline, W4A4: merge the trained rep blocks, then LSQ QAT of the
 # single-branch detector.
 _base_ = './yolov6-n_qat-base_trees.py'
-repq = dict(method='lsq', w_bits=4, a_bits=4, per_channel=True,
+repq = dict(method='lsq', w_bits=4, a_bits=4, per_channel=True, init='mse',
             first_bits=8, last_bits=8,       # first and last quantized layer at 8 bits
             init_checkpoint={{_base_.fp_checkpoint}})

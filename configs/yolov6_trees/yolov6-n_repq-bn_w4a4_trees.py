@@ -1,6 +1,6 @@
 # RepQ-BN, W4A4: the multi-branch RepVGG blocks keep training; their merged kernel
 # (BN folded with exact batch statistics) is quantized.
 _base_ = './yolov6-n_qat-base_trees.py'
-repq = dict(method='repq', bn_mode='exact', w_bits=4, a_bits=4, per_channel=True,
+repq = dict(method='repq', bn_mode='exact', w_bits=4, a_bits=4, per_channel=True, init='mse',
             first_bits=8, last_bits=8,       # first and last quantized layer at 8 bits
             init_checkpoint={{_base_.fp_checkpoint}})

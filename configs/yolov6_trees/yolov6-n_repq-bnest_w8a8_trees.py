@@ -2,7 +2,7 @@
 # (no second conv); running statistics re-estimated with exact batch statistics over one
 # epoch (9 batches) at the end of training.
 _base_ = './yolov6-n_qat-base_trees.py'
-repq = dict(method='repq', bn_mode='est', w_bits=8, a_bits=8, per_channel=True,
+repq = dict(method='repq', bn_mode='est', w_bits=8, a_bits=8, per_channel=True, init='mse',
             first_bits=8, last_bits=8,       # first and last quantized layer at 8 bits
             init_checkpoint={{_base_.fp_checkpoint}})
 custom_hooks = [dict(type='BNEstHook', reestimate_batches=9)]
