@@ -97,3 +97,27 @@ def state_dict_of(checkpoint) -> dict:
     if sd and all(k.startswith('module.') for k in sd):
         sd = {k[len('module.'):]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def load_weights(model, checkpoint: str, error=RuntimeError):
+    """Load ``checkpoint`` (weights_only, strict) into ``model`` and return the loaded
+    object; an unreadable file or one that does not fit the model raises ``error`` with a
+    short message naming the problem."""
+    try:
+        ck = safe_load(checkpoint)
+    except Exception as e:  # noqa: BLE001 - truncated / corrupted / not a torch file
+        raise error(f'cannot read checkpoint {checkpoint} (truncated or corrupted?): '
+                    f'{type(e).__name__}: {str(e)[:300]}') from None
+    try:
+        model.load_state_dict(state_dict_of(ck), strict=True)
+    except RuntimeError as e:
+        raise error(f'checkpoint {checkpoint} does not fit the model of the config '
+                    f'(another architecture or method?): {_first_lines(e)}') from None
+    return ck
+
+
+def _first_lines(e: Exception, n: int = 4) -> str:
+    """The first ``n`` lines of an error message (load_state_dict lists every key)."""
+    lines = str(e).splitlines()
+    more = f'\n\t... ({len(lines) - n} more)' if len(lines) > n else ''
+    return '\n'.join(lines[:n]) + more

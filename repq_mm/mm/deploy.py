@@ -32,7 +32,7 @@ from torch import nn
 
 from ..convert import merge_model
 from ..quant import QConv2d, QLinear
-from .checkpoint import safe_load, state_dict_of
+from .checkpoint import load_weights, safe_load
 from .model import check_repq_cfg
 
 FILES = ('deploy_config.py', 'merged.pth', 'int_weights.pth')
@@ -196,16 +196,7 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     qat_cfg = copy.deepcopy(model_cfg)
     qat_cfg['init_checkpoint'] = None
     qat = _build(qat_cfg, cfg)
-    try:
-        ck = safe_load(checkpoint)
-    except Exception as e:  # noqa: BLE001 - truncated / corrupted / not a torch file
-        raise MergeError(f'cannot read checkpoint {checkpoint} (truncated or corrupted?): '
-                         f'{type(e).__name__}: {str(e)[:300]}') from None
-    try:
-        qat.load_state_dict(state_dict_of(ck), strict=True)
-    except RuntimeError as e:
-        raise MergeError(f'checkpoint {checkpoint} does not fit the model of the config '
-                         f'(another architecture or method?): {_first_lines(e)}') from None
+    ck = load_weights(qat, checkpoint, MergeError)
     qat.eval()
     deploy = merge_model(qat, inplace=False).eval()   # weights on the integer grid
 
@@ -288,9 +279,3 @@ def _version() -> str:
     from .. import __version__
     return __version__
 
-
-def _first_lines(e: Exception, n: int = 4) -> str:
-    """The first ``n`` lines of an error message (load_state_dict lists every key)."""
-    lines = str(e).splitlines()
-    more = f'\n\t... ({len(lines) - n} more)' if len(lines) > n else ''
-    return '\n'.join(lines[:n]) + more

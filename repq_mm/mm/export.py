@@ -24,7 +24,7 @@ from torch import nn
 
 from ..convert import merge_model
 from ..export import ExportError, compare_onnx, export_fp32_onnx, export_onnx, summary_lines
-from .checkpoint import safe_load, state_dict_of
+from .checkpoint import load_weights
 from .model import check_repq_cfg
 
 
@@ -54,16 +54,7 @@ def build_merged_model(cfg: Config, checkpoint: str) -> tuple[nn.Module, bool]:
     model = MODELS.build(model_cfg)
     if not osp.isfile(checkpoint):
         raise ExportError(f'checkpoint {checkpoint} does not exist')
-    try:
-        ck = safe_load(checkpoint)
-    except Exception as e:  # noqa: BLE001 - truncated, corrupted, not a torch file
-        raise ExportError(f'cannot read checkpoint {checkpoint}: {type(e).__name__}: '
-                          f'{str(e)[:300]}') from None
-    try:
-        model.load_state_dict(state_dict_of(ck), strict=True)
-    except RuntimeError as e:
-        raise ExportError(f'checkpoint {checkpoint} does not fit the model of the config '
-                          f'(another architecture or method?): {_first_lines(e)}') from None
+    load_weights(model, checkpoint, ExportError)
     model.eval()
     if not repq['deploy']:
         model = merge_model(model, inplace=True).eval()   # weights on the integer grid
@@ -205,9 +196,3 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
         info['fp32']['path'] = osp.abspath(fp32_out)
     return info
 
-
-def _first_lines(e: Exception, n: int = 4) -> str:
-    """The first ``n`` lines of an error message (load_state_dict lists every key)."""
-    lines = str(e).splitlines()
-    more = f'\n\t... ({len(lines) - n} more)' if len(lines) > n else ''
-    return '\n'.join(lines[:n]) + more
