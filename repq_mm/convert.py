@@ -359,6 +359,32 @@ def _check_skip(model: nn.Module, skip: tuple[str, ...]) -> None:
                              f"'head.*'), not layer types; top-level modules: {top[:12]}")
 
 
+def check_layer_bits(layer_bits) -> dict[str, int]:
+    """Validate a ``layer_bits`` mapping (see :func:`convert_to_repq`); returns a copy."""
+    if layer_bits is None:
+        return {}
+    if not isinstance(layer_bits, dict):
+        raise ValueError(f'layer_bits must be a dict {{module name or pattern: bits}}, got '
+                         f'{type(layer_bits).__name__}: {layer_bits!r}')
+    for p, bits in layer_bits.items():
+        if not isinstance(p, str) or not p:
+            raise ValueError(f'layer_bits keys must be module names or fnmatch patterns '
+                             f'(non-empty strings), got {p!r}')
+        try:
+            check_bits(bits)
+        except ValueError as e:
+            raise ValueError(f'layer_bits[{p!r}]: {e}') from None
+    return dict(layer_bits)
+
+
+def _unmatched_layer_bits(layer_bits: dict[str, int], names: list[str]) -> None:
+    for p in layer_bits:
+        if not any(_skipped(n, (p,)) for n in names):
+            have = (f'quantized layers include {names[:3]} ... {names[-3:]}' if names else
+                    'the model has no layer left to quantize')
+            raise ValueError(f'layer_bits entry {p!r} matches no quantized layer; {have}')
+
+
 def find_rep_blocks(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
     """The re-parameterized blocks of ``model`` as ``(name, module)``, in registration order:
     our :class:`RepBlock` s and not yet deployed foreign blocks (:data:`FOREIGN_BLOCKS`).
@@ -412,7 +438,7 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
                     impl: str = 'fused', quantize: bool = True, quantize_plain: bool = True,
                     skip: Iterable[str] = (), inplace: bool = True,
                     qcfg: QConfig | None = None, est_refresh: int = 0,
-                    init: str = 'lsq') -> nn.Module:
+                    init: str = 'lsq', layer_bits: dict[str, int] | None = None) -> nn.Module:
     """Convert ``model`` for RepQ quantization-aware training.
 
     1. Foreign rep blocks (:data:`FOREIGN_BLOCKS`: mmpretrain ``RepVGGBlock`` /
@@ -435,6 +461,11 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
         first_bits, last_bits: bit width (weights and activations) of the first and the
             last quantized layer in registration order (``None``: as the rest). When one
             layer is both, ``last_bits`` wins.
+        layer_bits: ``{name or fnmatch pattern: bits}`` for any quantized layer (weights
+            and activations; a pattern also matches the layers below a named module, as in
+            ``skip``), applied after ``first_bits`` / ``last_bits``; later entries win.
+            Every entry must match at least one quantized layer. E.g. a detector's
+            per-level output convs: ``{'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8}``.
         quantize: add quantizers; ``False`` only switches rep blocks to the merged forward.
         quantize_plain: also quantize plain convs / linears.
         skip: module names or ``fnmatch`` patterns left untouched, with their children.
@@ -471,6 +502,7 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
                 check_bits(bits)
             except ValueError as e:
                 raise ValueError(f'{arg}: {e}') from None
+    layer_bits = check_layer_bits(layer_bits)
     if qcfg is None:
         qcfg = QConfig(w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, bn_mode=bn_mode,
                        act_signed=act_signed, symmetric=symmetric, impl=impl,
@@ -496,9 +528,13 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
     groups = _unique((n, m) for n, m, _ in targets)
     plan = []
     try:
+        if quantize:
+            _unmatched_layer_bits(layer_bits, [n for _, names in groups for n in names])
         for i, (m, names) in enumerate(groups):
             cfg = qcfg
-            for bits, here in ((first_bits, i == 0), (last_bits, i == len(groups) - 1)):
+            for bits, here in ((first_bits, i == 0), (last_bits, i == len(groups) - 1),
+                               *((b, any(_skipped(n, (p,)) for n in names))
+                                 for p, b in layer_bits.items())):
                 if bits is not None and here:
                     cfg = cfg.replace(w_bits=bits, a_bits=bits)
             q = None if kinds[id(m)] is None else _quantized_copy(m, kinds[id(m)], cfg,

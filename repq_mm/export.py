@@ -464,10 +464,14 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
 
     Runs ``inputs`` (a batch) through both. Returns
 
-    * ``max_abs``: max |ONNX - PyTorch| over all outputs;
-    * ``one_step``: the output change one quantization step of the input of the last
-      quantized layer makes at most (``s_a * max_o sum_i |W_oi|`` for that layer, with
-      its learned activation step ``s_a``), the tolerance of the check;
+    * ``max_abs``: max |ONNX - PyTorch| over all outputs; ``diffs``: per output;
+    * ``tolerances``: per output, how much one quantization step of the input of the layer
+      that produces it moves it at most: ``|c| * s_a * max_o sum_i |W_oi|`` for the
+      quantized layer whose output the model output is (a multiple ``c`` of, e.g. a
+      detector's box distances times the stride), with the layer's learned activation step
+      ``s_a``; where no layer output matches, the largest such bound over all layers.
+      ``one_step`` is the largest tolerance;
+    * ``within_one_step``: every output within its tolerance;
     * ``act_codes``: per activation quantizer, the max |code difference| and the share of
       codes that differ (ORT's QuantizeLinear vs ``round(x / s)`` in PyTorch);
     * ``argmax_agree``: share of samples with the same top-1 (2-D outputs).
@@ -486,11 +490,18 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
                 s = _bshape(s, mod.ch_axis % out.dim(), out.dim())
             torch_codes[n].append(torch.round(out / s).to(torch.int64).cpu().numpy())
         handles.append(q.register_forward_hook(hook))
+    layer_outs = []                      # (one-step bound, output) of every quantized layer
+    for m in prepared.modules():
+        if isinstance(m, (QConv2d, QLinear)) and m.a_quant is not None and m.a_quant.enabled:
+            def keep(mod, args, out):
+                layer_outs.append((_layer_one_step(mod), out.detach().float().cpu()))
+            handles.append(m.register_forward_hook(keep))
     try:
-        ref = [t.float().cpu().numpy() for t in _flatten(module(inputs))]
+        ref_t = [t.detach().float().cpu() for t in _flatten(module(inputs))]
     finally:
         for h in handles:
             h.remove()
+    ref = [t.numpy() for t in ref_t]
     import onnx
     proto = onnx.load(path)
     qnodes = [n for n in proto.graph.node if n.op_type == 'QuantizeLinear']
@@ -499,7 +510,9 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
     _, sess = _session(proto, extra)
     outs = sess.run(None, {sess.get_inputs()[0].name: inputs.cpu().numpy()})
     got, codes = outs[:len(ref)], outs[len(ref):]
-    max_abs = max(float(np.abs(a - b).max()) if a.size else 0.0 for a, b in zip(ref, got))
+    diffs = [float(np.abs(a - b).max()) if a.size else 0.0 for a, b in zip(ref, got)]
+    widest = max((b for b, _ in layer_outs), default=None)
+    tols = [_output_tolerance(t, layer_outs, widest) for t in ref_t]
     code_stats = {}
     for name, c in zip(names, codes):
         if name in torch_codes and len(torch_codes[name]) == 1:
@@ -510,21 +523,34 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
     agree = None
     if len(ref) == 1 and ref[0].ndim == 2:
         agree = float((ref[0].argmax(1) == got[0].argmax(1)).mean())
-    return dict(max_abs=max_abs, one_step=_one_step(prepared), act_codes=code_stats,
-                argmax_agree=agree, num_outputs=len(ref), batch=int(inputs.shape[0]))
+    within = all(tol is None or d <= tol for d, tol in zip(diffs, tols))
+    known = [t for t in tols if t is not None]
+    return dict(max_abs=max(diffs, default=0.0), diffs=diffs, tolerances=tols,
+                one_step=max(known) if known else None, within_one_step=within,
+                act_codes=code_stats, argmax_agree=agree, num_outputs=len(ref),
+                batch=int(inputs.shape[0]), onnx_outputs=got)
 
 
-def _one_step(model: nn.Module) -> float | None:
-    """``s_a * max_o sum_i |W_oi|`` of the last quantized layer with an activation
-    quantizer (module order): how much one step of its input moves an output at most."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, (QConv2d, QLinear)) and m.a_quant is not None and m.a_quant.enabled:
-            last = m
-    if last is None:
-        return None
-    w = last.weight.detach().float().flatten(1).abs().sum(1).max()
-    return float(last.a_quant.scale().detach().max() * w)
+def _layer_one_step(layer: nn.Module) -> float:
+    """``s_a * max_o sum_i |W_oi|``: how much one step of the layer's input moves one of
+    its outputs at most."""
+    w = layer.weight.detach().float().flatten(1).abs().sum(1).max()
+    return float(layer.a_quant.scale().detach().max() * w)
+
+
+def _output_tolerance(out: torch.Tensor, layer_outs, widest):
+    """One-step bound of the quantized layer whose output ``out`` is ``c`` times."""
+    for bound, y in reversed(layer_outs):
+        if y.shape != out.shape:
+            continue
+        yy = float((y * y).sum())
+        if yy == 0.0:
+            continue
+        c = float((out * y).sum()) / yy
+        scale = float(out.abs().max())
+        if torch.allclose(out, c * y, rtol=1e-5, atol=1e-6 * max(scale, 1e-12)):
+            return abs(c) * bound
+    return widest
 
 
 def summary_lines(info: dict) -> list[str]:

@@ -63,6 +63,16 @@ def test_repq_cfg_bits(field, bits):
         check_repq_cfg({field: bits})
 
 
+def test_repq_cfg_layer_bits():
+    pytest.importorskip('mmengine')
+    from repq_mm.mm import check_repq_cfg
+    assert check_repq_cfg({'layer_bits': {'head.fc': 8}})['layer_bits'] == {'head.fc': 8}
+    with pytest.raises(ValueError, match=r"repq\.layer_bits\['head.fc'\].*33"):
+        check_repq_cfg({'layer_bits': {'head.fc': 33}})
+    with pytest.raises(ValueError, match=r'repq\.layer_bits must be a dict'):
+        check_repq_cfg({'layer_bits': 8})
+
+
 def test_good_bits_accepted():
     for b in range(2, 9):
         QConfig(w_bits=b, a_bits=b)

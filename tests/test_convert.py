@@ -277,6 +277,30 @@ def test_first_bits_on_rep_block_and_qcfg():
     assert (net[2].w_quant.bits, net[2].a_quant.bits) == (7, 7)
 
 
+def test_layer_bits_patterns():
+    # names and patterns as in `skip`: a module name covers its children; later entries win
+    net = convert_to_repq(make_net(), w_bits=4, a_bits=4, first_bits=8,
+                          layer_bits={'4': 6, '[56]': 5, '6': 3})
+    assert (net[0].w_quant.bits, net[0].a_quant.bits) == (8, 8)
+    assert net[4].w_quant.bits == 6 and net[4].act[0].fc1.w_quant.bits == 6   # SE inside
+    assert (net[5].w_quant.bits, net[6].w_quant.bits) == (5, 3)
+    assert net[3].w_quant.bits == 4 and net[-1].w_quant.bits == 4
+
+
+@pytest.mark.parametrize('layer_bits,match', [
+    ({'nope': 8}, "'nope' matches no quantized layer"),
+    ({'3': 9}, r"layer_bits\['3'\].*9"),
+    ({'': 8}, 'non-empty strings'),
+    (['3'], 'must be a dict'),
+])
+def test_bad_layer_bits(layer_bits, match):
+    ref = make_net()
+    before = [(n, type(m)) for n, m in ref.named_modules()]
+    with pytest.raises(ValueError, match=match):
+        convert_to_repq(ref, layer_bits=layer_bits)
+    assert [(n, type(m)) for n, m in ref.named_modules()] == before      # nothing changed
+
+
 def test_quantize_plain_false_and_idempotent():
     net = convert_to_repq(make_net(), quantize_plain=False)
     assert count(net, QConv2d) == 0 and count(net, nn.Conv2d) == N_CONV

@@ -191,7 +191,8 @@ def test_detector_forms_shapes_and_merge(kind):
 def test_detector_other_methods_merge(method, bn_mode):
     torch.manual_seed(1)
     qat = _build(_tiny_arch('yolov6'), method=method, bn_mode=bn_mode, w_bits=4, a_bits=4,
-                 per_channel=True, first_bits=8, last_bits=8)
+                 per_channel=True, first_bits=8,
+                 layer_bits={'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8})
     if method == 'lsq':
         assert not any(isinstance(m, RepBlock) for m in qat.modules())
     _warm_up(qat)
@@ -267,6 +268,33 @@ def test_end_to_end_trees(trees, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:]
     stock_map = float(MAP_RE.findall(r.stdout)[-1])
     assert abs(stock_map - qat_metrics['coco/bbox_mAP']) <= 1e-3
+    # integer ONNX export of the detector (backbone + neck + head tensors), checked in
+    # onnxruntime on two real tiles: every output within one quantization step of its
+    # layer; the head's own post-processing gives the same detections
+    from repq_mm.export import ExportError  # noqa: F401  (the tool's error type)
+    from repq_mm.mm import cli
+    from repq_mm.mm.export import compare_detections, export_checkpoint, load_images
+    import json
+    with open(osp.join(trees, 'annotations', 'instances_val.json')) as f:
+        imgs = [osp.join(trees, 'images', i['file_name']) for i in json.load(f)['images'][:2]]
+    cfg = Config.fromfile(CI_CFG)
+    cli.prepare_cfg(cfg)
+    onnx_path = tmp_path / 'onnx' / 'det.onnx'
+    info = export_checkpoint(cfg, str(ckpt), str(onnx_path), fp32_out=str(tmp_path / 'fp.onnx'),
+                             check_images=imgs)
+    c = info['check']
+    assert onnx_path.is_file() and c['within_one_step'] and c['num_outputs'] == 6
+    assert c['batch'] == 2 and all(d <= t for d, t in zip(c['diffs'], c['tolerances']))
+    assert info['size'] < info['fp32']['size']
+    assert c['detections'] is not None and c['detections']['torch'] == c['detections']['onnx']
+    from repq_mm.mm.export import build_merged_model
+    from repq_mm.export import compare_onnx
+    model, _ = build_merged_model(cfg, str(ckpt))
+    batch, samples = load_images(cfg, model, imgs, 3, with_samples=True)
+    res = compare_onnx(model, str(onnx_path), batch)
+    dets = compare_detections(model, batch, samples, res['onnx_outputs'], score_thr=0.0)
+    assert dets['torch'] == dets['onnx'] > 0 and dets['min_iou'] > 0.999
+    assert dets['max_score_diff'] < 1e-4
 
 
 def test_merge_check_on_real_tiles(trees):

@@ -71,9 +71,14 @@ def main(argv=None) -> int:
     if 'check' in info:
         c = info['check']
         worst = max((s['max_diff'] for s in c['act_codes'].values()), default=0)
-        print(f'check on {c["batch"]} image(s): max abs diff {c["max_abs"]:.3g} <= one step '
-              f'{c["one_step"]:.3g}; activation codes off by at most {worst}; argmax '
+        print(f'check on {c["batch"]} image(s): max abs diff {c["max_abs"]:.3g} (per output '
+              f'within one quantization step, largest step {c["one_step"]:.3g}); activation codes off by at most {worst}; argmax '
               f'agreement {c["argmax_agree"]}')
+        d = c.get('detections')
+        if d is not None:
+            print(f'detections (score >= {d["score_thr"]}): PyTorch {d["torch"]}, onnxruntime '
+                  f'{d["onnx"]}, smallest best-match IoU {d["min_iou"]:.4f}, largest score '
+                  f'difference {d["max_score_diff"]:.3g}')
     return 0
 
 

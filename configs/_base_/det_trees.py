@@ -25,6 +25,17 @@ train_pipeline = [
     dict(type='Pad', size=img_scale, pad_val=dict(img=(114, 114, 114))),
     dict(type='PackDetInputs'),
 ]
+# RTMDet's second stage: the last epochs without mosaic, closer to the test images
+train_pipeline_stage2 = [
+    dict(type='LoadImageFromFile', backend_args=backend_args),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='RandomResize', scale=img_scale, ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=img_scale),
+    dict(type='YOLOXHSVRandomAug'),
+    dict(type='RandomFlip', prob=[0.25, 0.25], direction=['horizontal', 'vertical']),
+    dict(type='Pad', size=img_scale, pad_val=dict(img=(114, 114, 114))),
+    dict(type='PackDetInputs'),
+]
 test_pipeline = [
     dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(type='Resize', scale=img_scale, keep_ratio=True),
@@ -69,9 +80,12 @@ val_evaluator = dict(type='CocoMetric', ann_file=data_root + 'annotations/instan
                      metric='bbox', format_only=False, backend_args=backend_args)
 test_evaluator = val_evaluator
 
-# full-precision schedule: 100 epochs x 9 iterations (36 tiles / batch 4) = 900 iterations,
-# AdamW 0.004, linear warm-up over 90 iterations, cosine decay to 5% from epoch 10
+# full-precision schedule (RTMDet's recipe at this size): 100 epochs x 9 iterations (36 tiles /
+# batch 4) = 900 iterations, AdamW 0.004, linear warm-up over 90 iterations, flat to epoch 50,
+# cosine decay to 5% by epoch 100; EMA of the weights (what is validated and saved) and the
+# last 15 epochs without mosaic (mmdet's PipelineSwitchHook).
 max_epochs = 100
+stage2_num_epochs = 15
 base_lr = 0.004
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=25)
 val_cfg = dict(type='ValLoop')
@@ -83,8 +97,14 @@ optim_wrapper = dict(
                        custom_keys={'.step': dict(decay_mult=0.0)}))   # LSQ step sizes
 param_scheduler = [
     dict(type='LinearLR', start_factor=1.0e-3, by_epoch=False, begin=0, end=90),
-    dict(type='CosineAnnealingLR', eta_min=base_lr * 0.05, begin=10, end=max_epochs,
-         T_max=max_epochs - 10, by_epoch=True, convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=base_lr * 0.05, begin=max_epochs // 2,
+         end=max_epochs, T_max=max_epochs // 2, by_epoch=True, convert_to_iter_based=True),
+]
+custom_hooks = [
+    dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002, update_buffers=True,
+         priority=49),
+    dict(type='PipelineSwitchHook', switch_epoch=max_epochs - stage2_num_epochs,
+         switch_pipeline=train_pipeline_stage2),
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=9),

@@ -177,7 +177,9 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     if model_cfg is None or str(model_cfg.get('type', '')).split('.')[-1] != 'RepQModel':
         raise MergeError('the config does not describe a RepQ model: give it a top-level '
                          '`repq` dict (or model type RepQModel)')
-    repq = dict(model_cfg.get('repq', None) or {})
+    repq = model_cfg.get('repq', None) or {}
+    # plain containers only (nested ConfigDicts, e.g. layer_bits, are not weights-only safe)
+    repq = repq.to_dict() if hasattr(repq, 'to_dict') else copy.deepcopy(dict(repq))
     if check_repq_cfg(repq)['deploy']:
         raise MergeError('the config is already a deploy config (repq.deploy=True)')
     if check_batches < 1:

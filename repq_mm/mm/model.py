@@ -22,7 +22,7 @@ from mmengine.model import BaseModel
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
-from ..convert import convert_to_repq, merge_model
+from ..convert import check_layer_bits, convert_to_repq, merge_model
 from ..quant import BN_MODES, check_bits
 from .checkpoint import register_safe_globals
 
@@ -35,6 +35,7 @@ REPQ_DEFAULTS = dict(
     per_channel=False,
     first_bits=None,
     last_bits=None,
+    layer_bits=None,        # {module name / pattern: bits}, e.g. a head's output convs
     act_signed='auto',
     symmetric=False,
     skip=(),
@@ -99,6 +100,11 @@ def check_repq_cfg(repq: dict | None) -> dict:
     if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f'repq.skip must be a list of module names / patterns, got {skip!r}')
     out['skip'] = tuple(skip)
+    if out['layer_bits'] is not None:
+        try:
+            out['layer_bits'] = check_layer_bits(out['layer_bits'])
+        except ValueError as e:
+            raise ValueError(f'repq.{e}') from None
     return out
 
 
@@ -152,7 +158,7 @@ class RepQModel(BaseModel):
               (the form ``tools/merge_quant.py`` writes checkpoints for).
 
             Other keys: ``w_bits``, ``a_bits``, ``bn_mode``, ``per_channel``,
-            ``first_bits``, ``last_bits``, ``act_signed``, ``symmetric``, ``skip``,
+            ``first_bits``, ``last_bits``, ``layer_bits``, ``act_signed``, ``symmetric``, ``skip``,
             ``impl`` (passed to ``convert_to_repq``).
         init_checkpoint: float checkpoint loaded into the architecture before conversion
             (strict). When given, ``init_weights`` leaves the weights alone.
@@ -208,8 +214,8 @@ class RepQModel(BaseModel):
         """Apply ``repq`` (validated) to ``arch`` in place; returns the converted module."""
         method = repq['method']
         kwargs = {k: repq[k] for k in ('w_bits', 'a_bits', 'bn_mode', 'per_channel',
-                                       'first_bits', 'last_bits', 'act_signed', 'symmetric',
-                                       'impl', 'skip', 'est_refresh', 'init')}
+                                       'first_bits', 'last_bits', 'layer_bits', 'act_signed',
+                                       'symmetric', 'impl', 'skip', 'est_refresh', 'init')}
         if method in ('lsq', 'ptq'):
             arch = merge_model(arch, inplace=True)
         if method != 'fp':
