@@ -14,8 +14,11 @@ What the exported graph contains, per quantized layer (``QConv2d`` / ``QLinear``
   (:meth:`~repq_mm.quant.LSQQuantizer.quantize_to_codes`, any bit width 2..8 stored on the
   int8 grid) and ``DequantizeLinear(codes, s_w, 0)``, per output channel (``axis=0``) when
   the quantizer is per channel;
-* the bias in float32 (the paper does not quantize it; an int32 bias with scale ``s_w s_a``
-  is the usual integer-engine choice and follows from the two scales).
+* the bias in float32 (the paper does not quantize it), or with ``int32_bias=True`` as an
+  **int32 initializer** ``round(b / (s_a s_w))`` and ``DequantizeLinear(codes, s_a s_w, 0)``
+  (per output channel with per-channel weights): the integer-engine convention (the
+  accumulator's scale), for layers with a per-tensor activation quantizer. Rounding moves an
+  output by at most ``s_a s_w / 2``, far below one activation step.
 
 Every quantizer's bit width, signedness, clamp range and storage type is recorded in the
 model's ``metadata_props`` (key ``repq_mm.quantizers``, JSON) and returned by
@@ -64,6 +67,7 @@ __all__ = ['export_onnx', 'export_fp32_onnx', 'quantized_export_mode', 'run_onnx
 DEFAULT_OPSET = 17
 META_KEY = 'repq_mm.quantizers'
 _CODES = 'weight_int8'
+_BIAS_CODES = 'bias_int32'
 
 
 class ExportError(RuntimeError):
@@ -133,6 +137,23 @@ class _WeightDQ(torch.autograd.Function):
         return g.op('DequantizeLinear', codes, scale, zp)
 
 
+class _BiasDQ(torch.autograd.Function):
+    """``codes * scale`` from int32 codes; exports as ``DequantizeLinear(codes, scale, 0)``
+    with an int32 zero point (per output channel when ``scale`` is a vector)."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, axis: int):
+        return codes.to(scale.dtype) * scale
+
+    @staticmethod
+    def symbolic(g, codes, scale, axis):
+        if axis >= 0:
+            zp = g.op('Constant', value_t=torch.zeros(_static_len(scale), dtype=torch.int32))
+            return g.op('DequantizeLinear', codes, scale, zp, axis_i=axis)
+        zp = g.op('Constant', value_t=torch.zeros((), dtype=torch.int32))
+        return g.op('DequantizeLinear', codes, scale, zp)
+
+
 def _static_len(v) -> int:
     t = v.type()
     sizes = t.sizes() if hasattr(t, 'sizes') else None
@@ -184,11 +205,44 @@ def _layer_quantizers(model: nn.Module):
     return out
 
 
+def _int32_bias_scale(name: str, layer: nn.Module):
+    """``s_a s_w`` (per output channel with per-channel weights) for a layer whose bias is
+    stored as int32 codes: one with a bias, a weight quantizer and a per-tensor activation
+    quantizer; ``None`` for other layers. Raises when a code would not fit int32."""
+    aq, wq = layer.a_quant, layer.w_quant
+    if layer.bias is None or wq is None or aq is None or not aq.enabled or aq.per_channel:
+        return None
+    if not aq.is_initialized:
+        raise ExportError(f'{name}: activation quantizer not initialised')
+    s_b = (aq.scale().detach().float().reshape(()) * wq.scale().detach().float()).to(
+        layer.bias.device)
+    if (layer.bias.detach().float() / s_b).abs().max() > float(2 ** 31 - 1):
+        raise ExportError(f'{name}: bias does not fit int32 at scale s_a s_w')
+    return s_b
+
+
+@torch.no_grad()
+def snap_bias_to_int32(model: nn.Module) -> int:
+    """Put the bias of every layer exported with an int32 bias (``int32_bias=True``) on its
+    grid, ``round(b / (s_a s_w)) * s_a s_w``, in place: the PyTorch model that the integer
+    ONNX model computes. Returns the number of layers changed."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (QConv2d, QLinear)):
+            s_b = _int32_bias_scale(name, m)
+            if s_b is not None:
+                m.bias.copy_(torch.round(m.bias.float() / s_b) * s_b)
+                n += 1
+    return n
+
+
 @contextlib.contextmanager
-def quantized_export_mode(model: nn.Module):
+def quantized_export_mode(model: nn.Module, int32_bias: bool = False):
     """Inside the context every enabled quantizer of ``model`` (merged: ``QConv2d`` /
     ``QLinear`` weights and activation quantizers) computes through the exportable
-    functions above; yields the list of quantizer records. ``model`` is restored after."""
+    functions above (with ``int32_bias``, so do the biases of layers with weight and
+    per-tensor activation quantizers); yields the list of quantizer records. ``model`` is
+    restored after."""
     recs, undo = [], []
     order: list[str] = []
     try:
@@ -215,6 +269,19 @@ def quantized_export_mode(model: nn.Module):
                 layer.quantized_weight = qweight
                 undo.append(lambda layer=layer: (layer.__dict__.pop('quantized_weight', None),
                                                  layer._buffers.pop(_CODES, None)))
+                s_b = _int32_bias_scale(name, layer) if int32_bias else None
+                if s_b is not None:
+                    b = layer.bias.detach().float() / s_b
+                    layer.register_buffer(_BIAS_CODES, torch.round(b).to(torch.int32))
+                    rec['bias'] = 'int32'
+
+                    def qbias(layer=layer, s_b=s_b):
+                        return _BiasDQ.apply(getattr(layer, _BIAS_CODES), s_b,
+                                             0 if s_b.dim() else -1)
+                    layer.quantized_bias = qbias
+                    undo.append(lambda layer=layer: (
+                        layer.__dict__.pop('quantized_bias', None),
+                        layer._buffers.pop(_BIAS_CODES, None)))
             else:
                 signed, clip = rec['signed'], rec['clip']
                 lo, hi = (-qn * s), (qp * s)
@@ -319,7 +386,7 @@ def _atomic_save(model_proto, path: str) -> None:
 @torch.no_grad()
 def export_onnx(model: nn.Module, example_input, path: str, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, input_names: Iterable[str] = ('input',),
-                metadata: dict | None = None) -> dict:
+                metadata: dict | None = None, int32_bias: bool = False) -> dict:
     """Export a quantized model as an integer ONNX model (QDQ format) to ``path``.
 
     Args:
@@ -331,6 +398,8 @@ def export_onnx(model: nn.Module, example_input, path: str, opset: int = DEFAULT
         opset: ONNX opset (>= 13 for per-channel ``DequantizeLinear``).
         dynamic_batch: make dimension 0 of inputs and outputs dynamic.
         metadata: extra ``metadata_props`` (string values).
+        int32_bias: store the biases of quantized layers as int32 codes at scale
+            ``s_a s_w`` (see the module docstring); default float32.
 
     Returns:
         ``dict(path, quantizers=[records], int8_initializers, float_initializers, size)``.
@@ -346,7 +415,7 @@ def export_onnx(model: nn.Module, example_input, path: str, opset: int = DEFAULT
     prepared = _prepare(model)
     module = _wrap(prepared)
     input_names = list(input_names)
-    with quantized_export_mode(prepared) as recs:
+    with quantized_export_mode(prepared, int32_bias) as recs:
         order = prepared.__dict__['_onnx_act_order']
         output_names = _output_names(module, args)
         order.clear()
@@ -360,10 +429,16 @@ def export_onnx(model: nn.Module, example_input, path: str, opset: int = DEFAULT
     if stats['int8'] < n_w:
         raise ExportError(f'{n_w} quantized weights but only {stats["int8"]} int8 '
                           'initializers in the exported graph')
+    n_b = sum(r.get('bias') == 'int32' for r in recs)
+    if stats['int32'] < n_b:
+        raise ExportError(f'{n_b} int32 biases but only {stats["int32"]} int32 '
+                          'initializers in the exported graph')
     meta = {META_KEY: json.dumps(recs),
             'repq_mm.format': 'QDQ; weights int8 codes + DequantizeLinear; activations '
                               '[Clip ->] QuantizeLinear -> DequantizeLinear; sub-8-bit ranges '
                               'stored on the int8/uint8 grid, clamp range in repq_mm.quantizers',
+            'repq_mm.bias': 'int32 codes at scale s_a*s_w + DequantizeLinear' if int32_bias
+                            else 'float32',
             **{k: str(v) for k, v in (metadata or {}).items()}}
     try:
         from . import __version__
@@ -404,7 +479,7 @@ def export_fp32_onnx(model: nn.Module, example_input, path: str, opset: int = DE
 def _initializer_stats(proto) -> dict:
     import onnx
     TP = onnx.TensorProto
-    out = dict(int8=0, float=0, int8_bytes=0, float_bytes=0)
+    out = dict(int8=0, float=0, int8_bytes=0, float_bytes=0, int32=0, int32_bytes=0)
     for init in proto.graph.initializer:
         n = 1
         for d in init.dims:
@@ -412,6 +487,9 @@ def _initializer_stats(proto) -> dict:
         if init.data_type == TP.INT8:
             out['int8'] += 1
             out['int8_bytes'] += n
+        elif init.data_type == TP.INT32:
+            out['int32'] += 1
+            out['int32_bytes'] += 4 * n
         elif init.data_type == TP.FLOAT:
             out['float'] += 1
             out['float_bytes'] += 4 * n
@@ -459,10 +537,13 @@ def run_onnx(path: str, *inputs) -> list:
 
 
 @torch.no_grad()
-def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
+def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor,
+                 int32_bias: bool = False) -> dict:
     """Compare the exported integer model with the PyTorch fake-quant merged model.
 
-    Runs ``inputs`` (a batch) through both. Returns
+    Runs ``inputs`` (a batch) through both (with ``int32_bias``, the PyTorch model's biases
+    are put on their int32 grid first, :func:`snap_bias_to_int32`: the model the file
+    computes; ``bias_effect`` is then the max |output change| that snapping made). Returns
 
     * ``max_abs``: max |ONNX - PyTorch| over all outputs; ``diffs``: per output;
     * ``tolerances``: per output, how much one quantization step of the input of the layer
@@ -479,6 +560,15 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
     import numpy as np
     prepared = _prepare(model)
     module = _wrap(prepared)
+    bias_effect = None
+    if int32_bias:
+        with torch.no_grad():
+            before = [t.detach().float() for t in _flatten(module(inputs))]
+        snap_bias_to_int32(prepared)
+        with torch.no_grad():
+            after = [t.detach().float() for t in _flatten(module(inputs))]
+        bias_effect = max((float((a - b).abs().max()) for a, b in zip(after, before)
+                           if a.numel()), default=0.0)
     qs = _layer_quantizers(prepared)
     acts = [(n, q) for n, _, q, k in qs if k == 'act']
     torch_codes: dict[str, list] = {n: [] for n, _ in acts}
@@ -528,6 +618,7 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor) -> dict:
     return dict(max_abs=max(diffs, default=0.0), diffs=diffs, tolerances=tols,
                 one_step=max(known) if known else None, within_one_step=within,
                 act_codes=code_stats, argmax_agree=agree, num_outputs=len(ref),
+                bias_effect=bias_effect,
                 batch=int(inputs.shape[0]), onnx_outputs=got)
 
 

@@ -131,6 +131,37 @@ def test_export_qdq_graph_and_onnxruntime(tmp_path, w_bits, a_bits, per_channel,
           f'max |ORT - torch| {res["max_abs"]:.3g} (one step {res["one_step"]:.3g})')
 
 
+@pytest.mark.parametrize('per_channel', [True, False])
+def test_export_int32_bias(tmp_path, per_channel):
+    """Biases as int32 codes at scale s_a * s_w: every quantized layer's bias becomes an
+    int32 initializer + DequantizeLinear (int32 zero point, axis 0 per channel); the codes
+    are round(b / (s_a s_w)); onnxruntime stays within one step of PyTorch."""
+    q = tiny_net(4, 4, per_channel)
+    path = str(tmp_path / 'q.onnx')
+    info = export_onnx(q, torch.zeros(1, 1, 32, 32), path, int32_bias=True)
+    model, inits = _initializers(path)
+    biases = {k: v for k, v in inits.items() if k.endswith('bias_int32')}
+    assert len(biases) == info['int32'] == 4
+    assert all(v.data_type == onnx.TensorProto.INT32 for v in biases.values())
+    assert not [k for k, v in inits.items() if v.data_type == onnx.TensorProto.FLOAT and
+                k.endswith('bias')]                       # no float bias left
+    assert [n.op_type for n in model.graph.node].count('DequantizeLinear') == 12
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta['repq_mm.bias'].startswith('int32')
+    merged = merge_model(q)
+    layers = [m for m in merged.modules() if hasattr(m, 'w_quant') and m.w_quant is not None]
+    for layer in layers:
+        name = [n for n, m in merged.named_modules() if m is layer][0]
+        c = onnx.numpy_helper.to_array(biases[name + '.bias_int32'])
+        s_b = (layer.a_quant.scale() * layer.w_quant.scale()).detach().reshape(-1).numpy()
+        np.testing.assert_array_equal(c, np.round(layer.bias.detach().numpy() / s_b))
+    x = to_input(fmnist_images(8))
+    res = compare_onnx(q, path, x, int32_bias=True)
+    assert res['within_one_step'] and res['max_abs'] <= res['one_step'], res
+    assert all(s['max_diff'] <= 1 for s in res['act_codes'].values()), res
+    assert 0 <= res['bias_effect'] <= res['one_step']
+
+
 def test_export_rejects_uninitialised_and_leaves_model_alone(tmp_path):
     net = convert_to_repq(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), w_bits=4, a_bits=4)
     with pytest.raises(ExportError, match='0.w_quant: LSQ quantizer is not initialised'):

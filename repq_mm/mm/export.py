@@ -165,7 +165,8 @@ def _tmp_next_to(path: str) -> str:
 def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
                       fp32_out: str | None = None, check_images=(), merged_dir=None,
                       overwrite: bool = False, opset: int = 17,
-                      check_batch: torch.Tensor | None = None) -> dict:
+                      check_batch: torch.Tensor | None = None,
+                      int32_bias: bool = False) -> dict:
     """Export ``checkpoint`` of ``cfg`` as an integer ONNX model to ``out``.
 
     Args:
@@ -180,6 +181,8 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
             (onnxruntime vs PyTorch). ``check_batch``: a ready, preprocessed batch instead.
         merged_dir: also write the ``tools/merge_quant.py`` output folder there (QAT
             configs only; refused when it holds another model unless ``overwrite``).
+        int32_bias: biases as int32 codes at scale ``s_a s_w``
+            (:func:`repq_mm.export.export_onnx`).
 
     Returns the export info with ``check`` (see :func:`repq_mm.export.compare_onnx`) and
     ``fp32`` (size info) when asked. Raises :class:`ExportError` (nothing written) for bad
@@ -216,15 +219,21 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
         tmps[out] = _tmp_next_to(out)
         info = export_onnx(model, example, tmps[out], opset=opset,
                            metadata={'repq_mm.source_checkpoint': osp.abspath(checkpoint),
-                                     'repq_mm.input_shape': list(input_shape)})
+                                     'repq_mm.input_shape': list(input_shape)},
+                           int32_bias=int32_bias)
         for line in summary_lines(info):
             print_log(line, logger='current')
         if fp32_out:
             tmps[fp32_out] = _tmp_next_to(fp32_out)
             info['fp32'] = export_fp32_onnx(model, example, tmps[fp32_out], opset=opset)
         if batch is not None:
-            res = compare_onnx(model, tmps[out], batch)
-            res['detections'] = compare_detections(model, batch, samples,
+            res = compare_onnx(model, tmps[out], batch, int32_bias=int32_bias)
+            ref_model = model
+            if int32_bias:          # the model the file computes
+                from ..export import snap_bias_to_int32
+                ref_model = copy.deepcopy(model)
+                snap_bias_to_int32(ref_model)
+            res['detections'] = compare_detections(ref_model, batch, samples,
                                                    res.pop('onnx_outputs'))
             info['check'] = res
             worst = max((s['max_diff'] for s in res['act_codes'].values()), default=0)
@@ -232,6 +241,10 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
                       f'{res["max_abs"]:.3g} (each output within one quantization step of '
                       f'its layer; largest such step {res["one_step"]:.3g}); activation codes differ by at most {worst} '
                       f'step(s); argmax agreement {res["argmax_agree"]}', logger='current')
+            if res['bias_effect'] is not None:
+                print_log(f'int32 biases: the PyTorch reference uses them too; they move the '
+                          f'outputs by at most {res["bias_effect"]:.3g} against float biases',
+                          logger='current')
             d = res['detections']
             if d is not None:
                 print_log(f'ONNX check, detections with score >= {d["score_thr"]} after the '

@@ -67,10 +67,15 @@ class QConv2d(nn.Conv2d, _EvalWeightCache):
         return self._cached([self.weight, self.w_quant.step],
                             lambda: self.w_quant(self.weight))
 
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias the layer adds (float; integer export replaces it, see
+        :mod:`repq_mm.export`)."""
+        return self.bias
+
     def forward(self, x):
         if self.a_quant is not None:
             x = self.a_quant(x)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 class QLinear(nn.Linear, _EvalWeightCache):
@@ -105,10 +110,14 @@ class QLinear(nn.Linear, _EvalWeightCache):
         return self._cached([self.weight, self.w_quant.step],
                             lambda: self.w_quant(self.weight))
 
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias the layer adds (float; integer export replaces it)."""
+        return self.bias
+
     def forward(self, x):
         if self.a_quant is not None:
             x = self.a_quant(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
 
 def frozen_copy(q: LSQQuantizer | None) -> LSQQuantizer | None:
