@@ -363,3 +363,46 @@ def test_coco_config_step_and_merge(path):
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert torch.allclose(x, y, atol=1e-4 * max(1.0, x.abs().max().item()), rtol=1e-4)
+
+
+TREE_CONFIGS = sorted(p for d in ('yolov6_trees', 'yolov7_trees')
+                      for p in glob.glob(osp.join(ROOT, 'configs', d, '*_trees.py'))
+                      if '_qat-base_' not in p)
+
+
+def test_tree_config_set():
+    names = {osp.basename(p) for p in TREE_CONFIGS}
+    for m in ('fp', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4', 'repq-bnest_w8a8',
+              'repq-bnest_w4a4'):
+        assert f'yolov6-n_{m}_trees.py' in names
+    for m in ('fp', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4'):
+        assert f'yolov7-tiny_{m}_trees.py' in names
+
+
+@pytest.mark.parametrize('path', TREE_CONFIGS, ids=osp.basename)
+def test_tree_config_builds(path):
+    """Every tree config parses and builds (QAT ones without their FP checkpoint); the QAT
+    ones keep the stem and every per-level output conv at 8 bits and fine-tune on the FP
+    run's last-stage data (no mosaic), without EMA."""
+    from repq_mm.quant import LSQQuantizer
+    cfg = Config.fromfile(path)
+    assert cfg.model.bbox_head.num_classes == 1
+    qat = bool(cfg.get('repq'))
+    hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
+    if qat:
+        cfg.repq.init_checkpoint = None
+        assert 'EMAHook' not in hooks and 'PipelineSwitchHook' not in hooks
+        assert 'CachedMosaic' not in [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
+    else:
+        assert {'EMAHook', 'PipelineSwitchHook'} <= set(hooks)
+    wrap_config(cfg)
+    init_default_scope('mmdet')
+    model = DET_MODELS.build(cfg.model)
+    assert isinstance(model, RepQModel) == qat
+    if qat:
+        bits = {n.rsplit('.', 1)[0]: q.bits for n, q in model.named_modules()
+                if isinstance(q, LSQQuantizer) and n.endswith('w_quant')}
+        outs = [n for n in bits if '.rtm_cls.' in n or '.rtm_reg.' in n]
+        assert len(outs) == 6 and all(bits[n] == 8 for n in outs)
+        w = cfg.repq.w_bits
+        assert sorted(set(bits.values())) == sorted({w, 8})
