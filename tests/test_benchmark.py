@@ -95,6 +95,24 @@ def test_benchmark_block_model(tmp_path):
     assert '`repq_est_noquant`' in (tmp_path / 'results.md').read_text()
 
 
+def test_benchmark_detector(tmp_path):
+    """--model yolov6: the YOLOv6-style detector (mmdet) in every training variant, deploy
+    equal to the train form, merge timings."""
+    pytest.importorskip('mmdet')
+    tool = _tool()
+    threads = torch.get_num_threads()
+    try:
+        res = tool.main(['--model', 'yolov6', '--input-size', '64', '--batch-size', '1',
+                         '--warmup', '1', '--repeats', '1', '--threads', '1', '--quiet',
+                         '--memory', 'off', '--out-dir', str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert 'detector' in res['config']['model_desc']
+    assert set(res['train']) == {'fp_multibranch', 'fp_merged', 'lsq', 'repq_bn', 'repq_est'}
+    assert res['infer']['fp_deploy']['max_rel_err_vs_train_form'] < 1e-4
+    assert res['merge']
+
+
 def test_mmpretrain_spec_skips_cleanly(tmp_path, monkeypatch):
     tool = _tool()
     monkeypatch.setitem(sys.modules, 'mmpretrain', None)     # as if not installed

@@ -42,6 +42,7 @@ import gc
 import json
 import math
 import os
+import os.path as osp
 import platform
 import shlex
 import subprocess
@@ -115,7 +116,7 @@ class _MMWrapper(nn.Module):
             self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x):
-        if self.kind == 'classifier':
+        if self.kind in ('classifier', 'detector'):
             return self.model(x, mode='tensor')
         feats = self.model(x)
         return self.head(torch.flatten(self.gap(feats[-1]), 1))
@@ -145,6 +146,13 @@ def build_mm_repvgg(arch: str, num_classes: int, in_channels: int) -> nn.Module 
     backbone = RepVGG(arch, in_channels=in_channels, out_indices=(3,))
     a, b = REPVGG_ARCHS[arch.upper()][1]
     return _MMWrapper(backbone, 'backbone', num_classes, int(512 * b))
+
+
+#: ``--model`` shorthands for the detectors (full-precision tree configs, 1 class)
+DETECTORS = {
+    'yolov6': osp.join(ROOT, 'configs', 'yolov6_trees', 'yolov6-n_fp_trees.py'),
+    'yolov7': osp.join(ROOT, 'configs', 'yolov7_trees', 'yolov7-tiny_fp_trees.py'),
+}
 
 
 def build_model(args) -> tuple[nn.Module | None, str]:
@@ -179,8 +187,29 @@ def build_model(args) -> tuple[nn.Module | None, str]:
         init_default_scope(cfg.get('default_scope', 'mmpretrain'))
         model = MODELS.build(cfg.model)
         return _MMWrapper(model, 'classifier'), f'mmpretrain {version} config {what}'
+    if spec in DETECTORS or spec.startswith('mmdet:'):
+        path = DETECTORS.get(spec) or spec.split(':', 1)[1]
+        try:
+            import mmdet
+            from mmdet.registry import MODELS as DET_MODELS
+            from mmengine.config import Config
+            from mmengine.registry import init_default_scope
+            import repq_mm.mm  # noqa: F401  (registers the YOLO-style backbones / necks)
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+            return None, f'{spec}: mmdet is not importable ({type(e).__name__}: {e}); skipped'
+        cfg = Config.fromfile(path)
+        if cfg.get('repq'):
+            raise SystemExit(f'--model {spec}: give the full-precision config (this one has a '
+                             '`repq` dict); the variants are made here')
+        init_default_scope('mmdet')
+        model = DET_MODELS.build(cfg.model)
+        return (_MMWrapper(model, 'detector'),
+                f'mmdet {mmdet.__version__} detector {osp.relpath(path, ROOT)} (training step: '
+                'mean square of the head outputs as the loss; the assigner / detection loss '
+                'costs the same for every variant and is left out)')
     raise SystemExit(f'unknown --model {spec!r}: use block, one of '
-                     f'{sorted(REPVGG_ARCHS)} or mmpretrain:CONFIG_OR_ARCH')
+                     f'{sorted(REPVGG_ARCHS)}, mmpretrain:CONFIG_OR_ARCH, '
+                     f'{" / ".join(DETECTORS)} or mmdet:CONFIG')
 
 
 # ----------------------------------------------------------------------------------------
@@ -260,6 +289,12 @@ def make_variant(name: str, base: nn.Module, qcfg: QConfig, use_convert: bool,
 # ----------------------------------------------------------------------------------------
 # measurement helpers
 # ----------------------------------------------------------------------------------------
+def _flat_tensors(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return [out]
+
+
 def loss_fn(out, target):
     if isinstance(out, (tuple, list)):
         return sum(loss_fn(o, target) for o in out)
@@ -798,7 +833,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='A0',
                    help="A0/A1/A2/B0 (RepVGGNet), 'block' (one RepVGGBlock), "
-                        "'mmpretrain:CONFIG.py' or 'mmpretrain:A0' (needs mmpretrain)")
+                        "'mmpretrain:CONFIG.py' or 'mmpretrain:A0' (needs mmpretrain), "
+                        "'yolov6' / 'yolov7' (the YOLO-style tree detectors) or "
+                        "'mmdet:CONFIG.py' (needs mmdet)")
     p.add_argument('--channels', type=int, default=64, help='channels for --model block')
     p.add_argument('--width-multiplier', default=None, help='RepVGGNet (a,b), e.g. 0.25,0.5')
     p.add_argument('--num-blocks', default=None, help='RepVGGNet blocks per stage, e.g. 1,1,1,1')
@@ -1031,9 +1068,11 @@ def main(argv=None) -> dict:
                     name='FP deploy latency / mmpretrain deploy latency', value=val,
                     limit=1.05, met=val <= 1.05))
             with torch.no_grad():
-                a, b = models['fp_train_form'](x), models['fp_deploy'](x)
-                res['infer']['fp_deploy']['max_rel_err_vs_train_form'] = float(
-                    (a - b).abs().max() / a.abs().max().clamp(min=1e-12))
+                a = _flat_tensors(models['fp_train_form'](x))
+                b = _flat_tensors(models['fp_deploy'](x))
+                res['infer']['fp_deploy']['max_rel_err_vs_train_form'] = max(
+                    float((u - v).abs().max() / u.abs().max().clamp(min=1e-12))
+                    for u, v in zip(a, b))
             del models
         # -- merge ------------------------------------------------------------------------
         if not args.skip_merge:
