@@ -30,12 +30,12 @@ from experiment_utils import (ROOT, cached, last_checkpoint, run, save,  # noqa:
                               stock_test_tool)
 
 MODELS = {
-    'yolov6': ('yolov6_trees', 'yolov6-n', ['lsq', 'repq-bn', 'repq-bnest']),
-    'yolov7': ('yolov7_trees', 'yolov7-tiny', ['lsq', 'repq-bn']),
+    'yolov6': ('yolov6_trees', 'yolov6-n', ['ptq', 'lsq', 'repq-bn', 'repq-bnest']),
+    'yolov7': ('yolov7_trees', 'yolov7-tiny', ['ptq', 'lsq', 'repq-bn']),
 }
-METHODS = ['lsq', 'repq-bn', 'repq-bnest']
-LABELS = {'fp': 'FP (multi-branch)', 'lsq': 'LSQ baseline', 'repq-bn': 'RepQ-BN',
-          'repq-bnest': 'RepQ-BNEst'}
+METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest']
+LABELS = {'fp': 'FP (multi-branch)', 'ptq': 'PTQ (merged, calibrated only)',
+          'lsq': 'LSQ baseline', 'repq-bn': 'RepQ-BN', 'repq-bnest': 'RepQ-BNEst'}
 MAP_RE = re.compile(r'coco/bbox_mAP:\s*([0-9.]+)')
 MAP50_RE = re.compile(r'coco/bbox_mAP_50:\s*([0-9.]+)')
 ITER_TIME_RE = re.compile(r'Epoch\(train\).*?\btime:\s*([0-9.]+)')
@@ -60,6 +60,8 @@ def iter_time(output: str):
 
 def config(args, method, bits=None):
     folder, prefix, _ = MODELS[args.model]
+    if method == 'ptq':             # the LSQ baseline's model, calibrated, not trained
+        method = 'lsq'
     name = f'{prefix}_fp_trees' if method == 'fp' else f'{prefix}_{method}_w{bits}a{bits}_trees'
     path = osp.join(ROOT, 'configs', folder, name + '.py')
     if not osp.isfile(path):
@@ -93,7 +95,25 @@ def run_fp(args, opts):
     return save(wd, res)
 
 
+def run_ptq(args, bits, fp_ckpt, opts):
+    """Post-training quantization: the merged FP model, step sizes calibrated on 4
+    training batches (LSQCalibHook), evaluated with ``tools/test.py CONFIG none``."""
+    name, cfg = config(args, 'ptq', bits)
+    wd = osp.join(args.work_root, f'ptq_w{bits}a{bits}')
+    res = cached(wd, args.force)
+    if res:
+        print(f'  PTQ W{bits}A{bits}: reusing {wd}')
+        return res
+    out = run([sys.executable, 'tools/test.py', cfg, 'none', '--work-dir', wd,
+               '--cfg-options', 'repq.method=ptq', f'repq.init_checkpoint={fp_ckpt}', *opts],
+              osp.join(wd, 'test.log'), f'PTQ W{bits}A{bits}: calibrate + test', args.threads)
+    os.makedirs(wd, exist_ok=True)
+    return save(wd, bbox_map(out, f'PTQ W{bits}A{bits}'))
+
+
 def run_quant(args, method, bits, fp_ckpt, opts):
+    if method == 'ptq':
+        return run_ptq(args, bits, fp_ckpt, opts)
     name, cfg = config(args, method, bits)
     wd = osp.join(args.work_root, f'{method}_w{bits}a{bits}')
     res = cached(wd, args.force)
@@ -135,7 +155,7 @@ def timing(args):
             'train_cfg.val_interval=100', 'default_hooks.logger.interval=1',
             'default_hooks.checkpoint.interval=100', 'log_processor.window_size=1']
     rows = []
-    jobs = [('fp', None)] + [(m, b) for b in args.bits for m in args.methods]
+    jobs = [('fp', None)] + [(m, b) for b in args.bits for m in args.methods if m != 'ptq']
     for method, bits in jobs:
         name, cfg = config(args, method, bits)
         wd = osp.join(args.work_root, 'timing', name)
@@ -213,9 +233,10 @@ def main(argv=None):
     for bits in args.bits:
         for m in args.methods:
             r = results[(m, bits)] = run_quant(args, m, bits, results['fp']['checkpoint'], opts)
+            merged = (f' (merged, stock mmdet test: {r["merged_mAP"]:.3f} / '
+                      f'{r["merged_mAP50"]:.3f})' if 'merged_mAP' in r else '')
             print(f'  {LABELS[m]} W{bits}A{bits}: mAP {r["mAP"]:.3f} / mAP50 {r["mAP50"]:.3f}'
-                  f' (merged, stock mmdet test: {r["merged_mAP"]:.3f} / '
-                  f'{r["merged_mAP50"]:.3f})', flush=True)
+                  + merged, flush=True)
     md = table(results, args.bits, args.methods)
     head = (f'DeepForest tree tiles (val: 9 tiles, 161 boxes), {args.model}, COCO bbox mAP'
             f'{" (QUICK smoke run)" if args.quick else ""}, {time.time() - t0:.0f} s\n\n')
