@@ -162,6 +162,28 @@ def test_export_int32_bias(tmp_path, per_channel):
     assert 0 <= res['bias_effect'] <= res['one_step']
 
 
+def test_check_catches_a_wrong_export(tmp_path):
+    """The layer-by-layer check finds a file that computes something else: one weight code
+    changed in the saved ONNX model -> that layer's output codes / the output move beyond
+    one step; the untouched file passes, and the end-to-end numbers are reported too."""
+    q = tiny_net(8, 8, True)
+    path = str(tmp_path / 'q.onnx')
+    export_onnx(q, torch.zeros(1, 1, 32, 32), path)
+    x = to_input(fmnist_images(8))
+    ok = compare_onnx(q, path, x)
+    assert ok['within_one_step'] and max(s['max_diff'] for s in ok['act_codes'].values()) <= 1
+    assert ok['free']['max_abs'] >= ok['max_abs'] >= 0 and ok['free']['act_codes']
+    model = onnx.load(path)
+    init = [i for i in model.graph.initializer if i.name.endswith('weight_int8')][1]
+    codes = onnx.numpy_helper.to_array(init).copy()
+    codes.flat[:codes.size // 2] = -codes.flat[:codes.size // 2]     # a broken export
+    init.CopyFrom(onnx.numpy_helper.from_array(codes, init.name))
+    bad = str(tmp_path / 'bad.onnx')
+    onnx.save(model, bad)
+    res = compare_onnx(q, bad, x)
+    assert not res['within_one_step'] or max(s['max_diff'] for s in res['act_codes'].values()) > 1
+
+
 def test_export_rejects_uninitialised_and_leaves_model_alone(tmp_path):
     net = convert_to_repq(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), w_bits=4, a_bits=4)
     with pytest.raises(ExportError, match='0.w_quant: LSQ quantizer is not initialised'):

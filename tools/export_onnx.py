@@ -76,9 +76,13 @@ def main(argv=None) -> int:
     if 'check' in info:
         c = info['check']
         worst = max((s['max_diff'] for s in c['act_codes'].values()), default=0)
-        print(f'check on {c["batch"]} image(s): max abs diff {c["max_abs"]:.3g} (per output '
-              f'within one quantization step, largest step {c["one_step"]:.3g}); activation codes off by at most {worst}; argmax '
-              f'agreement {c["argmax_agree"]}')
+        free = c['free']
+        worst_free = max((s['max_diff'] for s in free['act_codes'].values()), default=0)
+        print(f'check on {c["batch"]} image(s), layer by layer: max abs diff '
+              f'{c["max_abs"]:.3g} (every output within one quantization step of its layer, '
+              f'largest step {c["one_step"]:.3g}), activation codes off by at most {worst}; '
+              f'end to end: max abs diff {free["max_abs"]:.3g}, codes off by at most '
+              f'{worst_free}; argmax agreement {c["argmax_agree"]}')
         d = c.get('detections')
         if d is not None:
             print(f'detections (score >= {d["score_thr"]}): PyTorch {d["torch"]}, onnxruntime '

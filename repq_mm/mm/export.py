@@ -237,10 +237,16 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
                                                    res.pop('onnx_outputs'))
             info['check'] = res
             worst = max((s['max_diff'] for s in res['act_codes'].values()), default=0)
-            print_log(f'ONNX check on {res["batch"]} image(s): max |onnxruntime - PyTorch| = '
-                      f'{res["max_abs"]:.3g} (each output within one quantization step of '
-                      f'its layer; largest such step {res["one_step"]:.3g}); activation codes differ by at most {worst} '
-                      f'step(s); argmax agreement {res["argmax_agree"]}', logger='current')
+            free = res['free']
+            worst_free = max((c['max_diff'] for c in free['act_codes'].values()), default=0)
+            print_log(f'ONNX check on {res["batch"]} image(s), layer by layer (each layer fed '
+                      f'the same integer input in both engines): max |onnxruntime - PyTorch| '
+                      f'= {res["max_abs"]:.3g} (each output within one quantization step of '
+                      f'its layer; largest such step {res["one_step"]:.3g}); activation codes '
+                      f'differ by at most {worst} step(s). End to end (each engine on its own '
+                      f'codes): max abs diff {free["max_abs"]:.3g}, codes off by at most '
+                      f'{worst_free}; argmax agreement {res["argmax_agree"]}',
+                      logger='current')
             if res['bias_effect'] is not None:
                 print_log(f'int32 biases: the PyTorch reference uses them too; they move the '
                           f'outputs by at most {res["bias_effect"]:.3g} against float biases',
