@@ -372,10 +372,10 @@ TREE_CONFIGS = sorted(p for d in ('yolov6_trees', 'yolov7_trees')
 
 def test_tree_config_set():
     names = {osp.basename(p) for p in TREE_CONFIGS}
-    for m in ('fp', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4', 'repq-bnest_w8a8',
-              'repq-bnest_w4a4'):
+    for m in ('fp', 'fp-ft', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4',
+              'repq-bnest_w8a8', 'repq-bnest_w4a4'):
         assert f'yolov6-n_{m}_trees.py' in names
-    for m in ('fp', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4'):
+    for m in ('fp', 'fp-ft', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4'):
         assert f'yolov7-tiny_{m}_trees.py' in names
 
 
@@ -399,7 +399,9 @@ def test_tree_config_builds(path):
     init_default_scope('mmdet')
     model = DET_MODELS.build(cfg.model)
     assert isinstance(model, RepQModel) == qat
-    if qat:
+    if qat and cfg.repq.method == 'fp':       # the fine-tune control: no quantizer at all
+        assert not any(isinstance(q, LSQQuantizer) for q in model.modules())
+    elif qat:
         bits = {n.rsplit('.', 1)[0]: q.bits for n, q in model.named_modules()
                 if isinstance(q, LSQQuantizer) and n.endswith('w_quant')}
         outs = [n for n in bits if '.rtm_cls.' in n or '.rtm_reg.' in n]

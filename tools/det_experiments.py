@@ -30,11 +30,13 @@ from experiment_utils import (ROOT, cached, last_checkpoint, run, save,  # noqa:
                               stock_test_tool)
 
 MODELS = {
-    'yolov6': ('yolov6_trees', 'yolov6-n', ['ptq', 'lsq', 'repq-bn', 'repq-bnest']),
-    'yolov7': ('yolov7_trees', 'yolov7-tiny', ['ptq', 'lsq', 'repq-bn']),
+    'yolov6': ('yolov6_trees', 'yolov6-n', ['fp-ft', 'ptq', 'lsq', 'repq-bn', 'repq-bnest']),
+    'yolov7': ('yolov7_trees', 'yolov7-tiny', ['fp-ft', 'ptq', 'lsq', 'repq-bn']),
 }
-METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest']
-LABELS = {'fp': 'FP (multi-branch)', 'ptq': 'PTQ (merged, calibrated only)',
+METHODS = ['fp-ft', 'ptq', 'lsq', 'repq-bn', 'repq-bnest']
+LABELS = {'fp': 'FP (multi-branch)',
+          'fp-ft': 'FP + the quantized runs\' 30-epoch fine-tune (no quantization)',
+          'ptq': 'PTQ (merged, calibrated only)',
           'lsq': 'LSQ baseline', 'repq-bn': 'RepQ-BN', 'repq-bnest': 'RepQ-BNEst'}
 MAP_RE = re.compile(r'coco/bbox_mAP:\s*([0-9.]+)')
 MAP50_RE = re.compile(r'coco/bbox_mAP_50:\s*([0-9.]+)')
@@ -62,7 +64,8 @@ def config(args, method, bits=None):
     folder, prefix, _ = MODELS[args.model]
     if method == 'ptq':             # the LSQ baseline's model, calibrated, not trained
         method = 'lsq'
-    name = f'{prefix}_fp_trees' if method == 'fp' else f'{prefix}_{method}_w{bits}a{bits}_trees'
+    name = (f'{prefix}_{method}_trees' if method in ('fp', 'fp-ft') else
+            f'{prefix}_{method}_w{bits}a{bits}_trees')
     path = osp.join(ROOT, 'configs', folder, name + '.py')
     if not osp.isfile(path):
         raise SystemExit(f'no config {path}')
@@ -115,14 +118,14 @@ def run_quant(args, method, bits, fp_ckpt, opts):
     if method == 'ptq':
         return run_ptq(args, bits, fp_ckpt, opts)
     name, cfg = config(args, method, bits)
-    wd = osp.join(args.work_root, f'{method}_w{bits}a{bits}')
+    wd = osp.join(args.work_root, 'fp-ft' if method == 'fp-ft' else f'{method}_w{bits}a{bits}')
     res = cached(wd, args.force)
     if res:
         print(f'  {name}: reusing {wd}')
         return res
     py = sys.executable
     common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={args.seed}', *opts]
-    label = f'{LABELS[method]} W{bits}A{bits}'
+    label = 'FP fine-tune' if method == 'fp-ft' else f'{LABELS[method]} W{bits}A{bits}'
     out = run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options', *common],
               osp.join(wd, 'train.log'), f'{label}: QAT', args.threads)
     res = dict(s_per_iter=iter_time(out))
@@ -235,8 +238,8 @@ def main(argv=None):
             r = results[(m, bits)] = run_quant(args, m, bits, results['fp']['checkpoint'], opts)
             merged = (f' (merged, stock mmdet test: {r["merged_mAP"]:.3f} / '
                       f'{r["merged_mAP50"]:.3f})' if 'merged_mAP' in r else '')
-            print(f'  {LABELS[m]} W{bits}A{bits}: mAP {r["mAP"]:.3f} / mAP50 {r["mAP50"]:.3f}'
-                  + merged, flush=True)
+            what = LABELS[m] + ('' if m == 'fp-ft' else f' W{bits}A{bits}')
+            print(f'  {what}: mAP {r["mAP"]:.3f} / mAP50 {r["mAP50"]:.3f}' + merged, flush=True)
     md = table(results, args.bits, args.methods)
     head = (f'DeepForest tree tiles (val: 9 tiles, 161 boxes), {args.model}, COCO bbox mAP'
             f'{" (QUICK smoke run)" if args.quick else ""}, {time.time() - t0:.0f} s\n\n')

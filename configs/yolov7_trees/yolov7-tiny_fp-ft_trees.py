@@ -1,0 +1,6 @@
+# Control for the quantized runs: the FP checkpoint fine-tuned with exactly their recipe
+# (configs/_base_/det_trees_qat.py: 30 epochs, no mosaic, AdamW 1e-4, no EMA), without
+# quantization (`method='fp'`: the multi-branch detector as it is). What the quantized
+# models are compared with, beside the FP checkpoint itself.
+_base_ = './yolov7-tiny_qat-base_trees.py'
+repq = dict(method='fp', init_checkpoint={{_base_.fp_checkpoint}})
