@@ -68,26 +68,11 @@ def main(argv=None) -> int:
             f'initializer(s) ({info["int8_bytes"]} bytes), {len(info["quantizers"])} '
             'quantizer(s)')
     if info['int32']:
-        line += f', {info["int32"]} int32 bias initializer(s) ({info["int32_bytes"]} bytes)' 
+        line += f', {info["int32"]} int32 bias initializer(s) ({info["int32_bytes"]} bytes)'
     if 'fp32' in info:
         line += (f'; float32 reference {info["fp32"]["path"]}: {info["fp32"]["size"]} bytes '
                  f'(ratio {info["size"] / info["fp32"]["size"]:.3f})')
     print(line)
-    if 'check' in info:
-        c = info['check']
-        worst = max((s['max_diff'] for s in c['act_codes'].values()), default=0)
-        free = c['free']
-        worst_free = max((s['max_diff'] for s in free['act_codes'].values()), default=0)
-        print(f'check on {c["batch"]} image(s), layer by layer: max abs diff '
-              f'{c["max_abs"]:.3g} (every output within one quantization step of its layer, '
-              f'largest step {c["one_step"]:.3g}), activation codes off by at most {worst}; '
-              f'end to end: max abs diff {free["max_abs"]:.3g}, codes off by at most '
-              f'{worst_free}; argmax agreement {c["argmax_agree"]}')
-        d = c.get('detections')
-        if d is not None:
-            print(f'detections (score >= {d["score_thr"]}): PyTorch {d["torch"]}, onnxruntime '
-                  f'{d["onnx"]}, smallest best-match IoU {d["min_iou"]:.4f}, largest score '
-                  f'difference {d["max_score_diff"]:.3g}')
     return 0
 
 

@@ -23,7 +23,8 @@ from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
 from ..convert import merge_model
-from ..export import ExportError, compare_onnx, export_fp32_onnx, export_onnx, summary_lines
+from ..export import (ExportError, compare_onnx, export_fp32_onnx, export_onnx,
+                      snap_bias_to_int32, summary_lines)
 from .checkpoint import load_weights
 from .model import check_repq_cfg
 
@@ -148,6 +149,32 @@ def compare_detections(model: nn.Module, batch: torch.Tensor, samples, onnx_outp
                 max_score_diff=max_score)
 
 
+def _worst_code(act_codes: dict) -> int:
+    return max((c['max_diff'] for c in act_codes.values()), default=0)
+
+
+def check_lines(res: dict) -> list[str]:
+    """Human-readable lines for the ``check`` result of :func:`export_checkpoint`."""
+    free = res['free']
+    lines = [f'{res["batch"]} image(s), layer by layer (each layer fed the same integer '
+             f'input in both engines): max |onnxruntime - PyTorch| = {res["max_abs"]:.3g} '
+             f'(each output within one quantization step of its layer; largest such step '
+             f'{res["one_step"]:.3g}); activation codes off by at most '
+             f'{_worst_code(res["act_codes"])}. End to end (each engine on its own codes): '
+             f'max abs diff {free["max_abs"]:.3g}, codes off by at most '
+             f'{_worst_code(free["act_codes"])}; argmax agreement {res["argmax_agree"]}']
+    if res.get('bias_effect') is not None:
+        lines.append(f'int32 biases (used by the PyTorch reference too) move the outputs by '
+                     f'at most {res["bias_effect"]:.3g} against float biases')
+    d = res.get('detections')
+    if d is not None:
+        lines.append(f'detections with score >= {d["score_thr"]} after the head\'s '
+                     f'post-processing: PyTorch {d["torch"]}, onnxruntime {d["onnx"]}; '
+                     f'smallest best-match IoU {d["min_iou"]:.4f}, largest score difference '
+                     f'{d["max_score_diff"]:.3g}')
+    return lines
+
+
 def _channels(model: nn.Module, default: int = 3) -> int:
     dp = getattr(model, 'data_preprocessor', None)
     mean = getattr(dp, 'mean', None)
@@ -230,33 +257,14 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
             res = compare_onnx(model, tmps[out], batch, int32_bias=int32_bias)
             ref_model = model
             if int32_bias:          # the model the file computes
-                from ..export import snap_bias_to_int32
                 ref_model = copy.deepcopy(model)
                 snap_bias_to_int32(ref_model)
             res['detections'] = compare_detections(ref_model, batch, samples,
                                                    res.pop('onnx_outputs'))
             info['check'] = res
-            worst = max((s['max_diff'] for s in res['act_codes'].values()), default=0)
-            free = res['free']
-            worst_free = max((c['max_diff'] for c in free['act_codes'].values()), default=0)
-            print_log(f'ONNX check on {res["batch"]} image(s), layer by layer (each layer fed '
-                      f'the same integer input in both engines): max |onnxruntime - PyTorch| '
-                      f'= {res["max_abs"]:.3g} (each output within one quantization step of '
-                      f'its layer; largest such step {res["one_step"]:.3g}); activation codes '
-                      f'differ by at most {worst} step(s). End to end (each engine on its own '
-                      f'codes): max abs diff {free["max_abs"]:.3g}, codes off by at most '
-                      f'{worst_free}; argmax agreement {res["argmax_agree"]}',
-                      logger='current')
-            if res['bias_effect'] is not None:
-                print_log(f'int32 biases: the PyTorch reference uses them too; they move the '
-                          f'outputs by at most {res["bias_effect"]:.3g} against float biases',
-                          logger='current')
-            d = res['detections']
-            if d is not None:
-                print_log(f'ONNX check, detections with score >= {d["score_thr"]} after the '
-                          f'head\'s post-processing: PyTorch {d["torch"]}, onnxruntime '
-                          f'{d["onnx"]}; smallest best-match IoU {d["min_iou"]:.4f}, largest '
-                          f'score difference {d["max_score_diff"]:.3g}', logger='current')
+            for line in check_lines(res):
+                print_log('ONNX check: ' + line, logger='current')
+            worst = _worst_code(res['act_codes'])
             if not res['within_one_step'] or worst > 1:
                 bad = [f'output {i}: {d:.3g} > {t:.3g}' for i, (d, t) in
                        enumerate(zip(res['diffs'], res['tolerances']))
