@@ -435,7 +435,7 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
                     bn_mode: str = 'exact', per_channel: bool = False,
                     first_bits: int | None = None, last_bits: int | None = None,
                     act_signed: bool | str = 'auto', symmetric: bool = False,
-                    impl: str = 'fused', quantize: bool = True, quantize_plain: bool = True,
+                    impl: str = 'fast', quantize: bool = True, quantize_plain: bool = True,
                     skip: Iterable[str] = (), inplace: bool = True,
                     qcfg: QConfig | None = None, est_refresh: int = 0,
                     init: str = 'lsq', layer_bits: dict[str, int] | None = None) -> nn.Module:

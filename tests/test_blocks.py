@@ -218,13 +218,12 @@ def run_recording(block, x, mode):
     (mean, var) used by every BN, in merge order."""
     blk = copy.deepcopy(block).train().enable_repq(QConfig(bn_mode=mode), quantize=False)
     rec = []
-    orig = blk._stats
+    orig = blk._update_running    # every BN with batch statistics passes (mean, var) here
 
-    def spy(bn, m, h, W, B, moments, refresh=False):
-        mean, var = orig(bn, m, h, W, B, moments, refresh)
+    def spy(bn, mean, var, n):
         rec.append((mean.detach(), var.detach()))
-        return mean, var
-    blk._stats = spy
+        return orig(bn, mean, var, n)
+    blk._update_running = spy
     with torch.no_grad():
         y = blk(x)
     return y, rec, blk
@@ -426,6 +425,95 @@ def test_channel_var_mean_gradient():
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: channel_var_mean(t)[0], (x,))
     assert torch.autograd.gradcheck(lambda t: channel_var_mean(t)[1], (x,))
+
+
+def test_channel_var_mean_float32_and_fallback():
+    """float32 goes through the batch-norm statistics kernel, other dtypes through var_mean:
+    both agree with torch.var_mean."""
+    from repq_mm.rep.stats import channel_var_mean
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 5, 6, 7).to(dtype) * 3 + 1
+        var, mean, _ = channel_var_mean(x)
+        var2, mean2 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert var.dtype == dtype and mean.dtype == dtype
+        assert torch.allclose(var.double(), var2, rtol=tol, atol=tol)
+        assert torch.allclose(mean.double(), mean2, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('groups', [1, 2, 4])
+@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_fold_est_matches_autograd(groups, affine, with_bias):
+    """The fused BNEst fold (values, running-stat inputs and every gradient) equals the
+    composition of apply_to_channels and _fold under autograd; gradcheck in float64."""
+    from repq_mm.rep.base import _fold
+    from repq_mm.rep.fold_est import fold_est as _fold_est
+    from repq_mm.rep.kernels import apply_to_channels
+    gen = torch.Generator().manual_seed(groups * 10 + affine * 2 + with_bias)
+    o, cin = 8, 4
+    dt = torch.float64
+    w = torch.randn(o, cin // groups, 3, 3, generator=gen, dtype=dt).requires_grad_()
+    b = (torch.randn(o, generator=gen, dtype=dt).requires_grad_() if with_bias
+         else torch.zeros(o, dtype=dt))
+    m = torch.randn(cin, generator=gen, dtype=dt).requires_grad_()
+    v = (torch.rand(cin, generator=gen, dtype=dt) + 0.5).requires_grad_()
+    bn = nn.BatchNorm2d(o, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=gen)
+            bn.bias.normal_(generator=gen)
+    wf, bf, mean, var = _fold_est(w, b, bn, m, v, groups)
+    mean_r = apply_to_channels(w, m, groups) + b
+    var_r = apply_to_channels(w * w, v, groups)
+    wf_r, bf_r = _fold(w, b, bn, mean_r, var_r)[:2]
+    assert torch.allclose(mean, mean_r.detach()) and torch.allclose(var, var_r.detach())
+    assert not mean.requires_grad and not var.requires_grad
+    assert torch.allclose(wf, wf_r) and torch.allclose(bf, bf_r)
+    gw, gb = torch.randn(wf.shape, generator=gen, dtype=dt), torch.randn(o, generator=gen,
+                                                                          dtype=dt)
+    params = [t for t in (w, b, m, v, *bn.parameters()) if t.requires_grad]
+    g1 = torch.autograd.grad((wf * gw).sum() + (bf * gb).sum(), params)
+    g2 = torch.autograd.grad((wf_r * gw).sum() + (bf_r * gb).sum(), params)
+    for a, r in zip(g1, g2):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-10)
+    inputs = (w, b, m, v) + tuple(bn.parameters())
+    assert torch.autograd.gradcheck(
+        lambda *t: _fold_est(t[0], t[1], bn, t[2], t[3], groups)[:2], inputs)
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_merge_est_matches_generic(case):
+    """BNEst through the hand-written nodes (fold_est / merge_est) equals the plain autograd
+    composition: merged kernel and bias, every gradient, the running statistics."""
+    block, x, gen = build(case)
+    if not block.bns():
+        pytest.skip('no BN')
+    block = block.double().train()
+    outs = []
+    for fused in (True, False):
+        blk = copy.deepcopy(block)
+        blk.fused_est = fused
+        xx = x.double().clone().requires_grad_(True)
+        W, B = blk.merge(xx, 'est')
+        gw = torch.randn(W.shape, generator=torch.Generator().manual_seed(1), dtype=W.dtype)
+        gb = torch.randn(B.shape, generator=torch.Generator().manual_seed(2), dtype=B.dtype)
+        params = [p for p in blk.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((W * gw).sum() + (B * gb).sum(), [xx] + params,
+                                    allow_unused=True)
+        stats = [t.clone() for bn in blk.bns() for t in (bn.running_mean, bn.running_var)]
+        outs.append((W.detach(), B.detach(), grads, stats))
+    (W1, B1, g1, s1), (W2, B2, g2, s2) = outs
+    assert torch.allclose(W1, W2, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(B1, B2, rtol=1e-10, atol=1e-12)
+    for a, r in zip(g1, g2):
+        if r is None:       # unused in the composition: the fused node gives zeros or None
+            assert a is None or not a.any()
+            continue
+        assert a is not None and torch.allclose(a, r, rtol=1e-9, atol=1e-10)
+    for a, r in zip(s1, s2):
+        assert torch.allclose(a, r, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -62,6 +62,59 @@ def test_fused_matches_reference_away_from_clip_edges():
         assert torch.allclose(outs[0][2], outs[1][2], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('per_channel', [False, True])
+@pytest.mark.parametrize('signed,bits', [(True, 4), (False, 8), (True, 2), (True, 8)])
+def test_fast_equals_reference(per_channel, signed, bits):
+    """impl='fast' computes the paper formulas exactly: same output and the same input and
+    step gradients as the autograd reference, including values at and beyond the clip edges
+    and exact ties."""
+    torch.manual_seed(bits + 10 * signed + 100 * per_channel)
+    qn, qp = quant_range(bits, signed)
+    x = torch.randn(6, 5, 4, 3) * (qp * 0.08) + (0 if signed else qp * 0.04)
+    s = torch.rand(6) * 0.05 + 0.05 if per_channel else torch.tensor([0.07])
+    sb = s.reshape(-1, 1, 1, 1) if per_channel else s
+    # exact ties, the clip edges and the half-step zone beyond them
+    edge = torch.tensor([-qn - 0.7, -qn - 0.5, -qn - 0.3, -qn, qp, qp + 0.3, qp + 0.5,
+                         qp + 0.7, 0.5, 1.5, -2.5])
+    x[0, 0, 0, :3] = edge[:3] * sb.flatten()[0]
+    x[0, 1].view(-1)[:8] = edge[3:] * sb.flatten()[0]
+    gout = torch.randn(x.shape)
+    res = []
+    for impl in ('fast', 'reference'):
+        xx, ss = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        y = lsq_fake_quant(xx, ss, qn, qp, 0.01, 0 if per_channel else None, impl=impl)
+        (y * gout).sum().backward()
+        res.append((y.detach(), xx.grad, ss.grad))
+    (yf, gxf, gsf), (yr, gxr, gsr) = res
+    assert torch.equal(yf, yr)
+    assert torch.equal(gxf, gxr)
+    assert gsf.shape == gsr.shape == s.shape
+    assert torch.allclose(gsf, gsr, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_codes_equal_deploy_codes_and_half_inputs():
+    """Training forward = codes * s of quantize_to_codes (bit for bit), also for half input."""
+    torch.manual_seed(3)
+    q = LSQQuantizer(4, signed=True, per_channel=True, impl='fast')
+    w = torch.randn(8, 3, 3, 3)
+    y = q(w)
+    codes, s = q.quantize_to_codes(w)
+    assert torch.equal(y, codes.float() * s.reshape(-1, 1, 1, 1))
+    qa = LSQQuantizer(8, signed=False, impl='fast')
+    xa = torch.rand(2, 3, 4, 4).half().requires_grad_(True)
+    ya = qa(xa)
+    assert ya.dtype == torch.float16
+    ya.float().sum().backward()
+    assert xa.grad.dtype == torch.float16 and qa.step.grad is not None
+
+
+def test_unknown_impl():
+    with pytest.raises(ValueError, match='impl must be one of'):
+        LSQQuantizer(4, impl='cuda')
+    with pytest.raises(ValueError, match='impl must be one of'):
+        lsq_fake_quant(torch.randn(3), torch.tensor([0.1]), 8, 7, 0.1, impl='nope')
+
+
 def test_per_channel_gradient_and_grad_scale():
     torch.manual_seed(1)
     w = torch.randn(3, 2, 3, 3)

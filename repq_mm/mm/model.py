@@ -24,6 +24,7 @@ from torch import nn
 
 from ..convert import check_layer_bits, convert_to_repq, merge_model
 from ..quant import BN_MODES, check_bits
+from ..quant.lsq import LSQ_IMPLS
 from .checkpoint import register_safe_globals
 
 #: valid keys of the ``repq`` dict and their defaults
@@ -40,7 +41,7 @@ REPQ_DEFAULTS = dict(
     symmetric=False,
     skip=(),
     deploy=False,
-    impl='fused',           # 'fused' | 'reference' (LSQ implementation)
+    impl='fast',            # 'fast' | 'fused' | 'reference' (LSQ implementation)
     est_refresh=0,          # BNEst: exact statistics every k steps correct the estimate
     init='lsq',             # step init: 'lsq' (paper) | 'mse' (min quantization error)
 )
@@ -92,8 +93,8 @@ def check_repq_cfg(repq: dict | None) -> dict:
             not isinstance(out['act_signed'], bool):
         raise ValueError(f"repq.act_signed must be True, False or 'auto', got "
                          f"{out['act_signed']!r}")
-    if out['impl'] not in ('fused', 'reference'):
-        raise ValueError(f"repq.impl must be 'fused' or 'reference', got {out['impl']!r}")
+    if out['impl'] not in LSQ_IMPLS:
+        raise ValueError(f"repq.impl must be one of {LSQ_IMPLS}, got {out['impl']!r}")
     skip = out['skip']
     if isinstance(skip, str):
         skip = (skip,)

@@ -21,7 +21,8 @@ class QConfig:
             inside rep blocks during training.
         act_signed: ``True``, ``False`` or ``'auto'``.
         symmetric: symmetric signed weight range ``[-Q_P, Q_P]``.
-        impl: ``'fused'`` (PyTorch kernels) or ``'reference'`` (paper formulas).
+        impl: LSQ implementation, ``'fast'`` (default), ``'fused'`` (PyTorch kernels) or
+            ``'reference'`` (see :mod:`repq_mm.quant.lsq`).
         init: step-size initialisation, ``'lsq'`` (the paper's rule) or ``'mse'``
             (minimum quantization error on the first tensor / calibration batches).
         est_refresh: RepQ-BNEst with periodic correction: every ``est_refresh`` training
@@ -36,7 +37,7 @@ class QConfig:
     bn_mode: str = 'exact'
     act_signed: bool | str = 'auto'
     symmetric: bool = False
-    impl: str = 'fused'
+    impl: str = 'fast'
     est_refresh: int = 0
     init: str = 'lsq'
 

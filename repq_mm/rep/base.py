@@ -21,7 +21,8 @@ from torch import nn
 
 from ..quant.config import BN_MODES, QConfig
 from ..quant.layers import QConv2d, _EvalWeightCache, frozen_copy
-from .kernels import apply_to_channels, compose, pad_to, regroup
+from .fold_est import fold_est, merge_est
+from .kernels import apply_to_channels, centre_offset, compose, pad_to, regroup
 from .stages import Stage, _pair
 from .stats import (bn_uses_batch_stats, channel_var_mean, update_running_stats,
                     wants_sync)
@@ -40,6 +41,46 @@ def _bn_affine(bn, mean, var):
     """``(scale, shift)`` with ``BN(y) = scale * (y - mean) + shift``."""
     scale = bn.weight * torch.rsqrt(var + bn.eps) if bn.affine else torch.rsqrt(var + bn.eps)
     return scale, (bn.bias if bn.affine else torch.zeros_like(scale))
+
+
+class _AddCentred(torch.autograd.Function):
+    """``acc + pad_to(w)`` with ``w`` added into the centre slice of ``acc`` (in place when
+    allowed): no padded copy of ``w`` forward, and a backward that passes the gradient
+    through for ``acc`` and returns a view of it for ``w`` (autograd's own slice update
+    would clone the full gradient)."""
+
+    @staticmethod
+    def forward(ctx, acc, w, ph, pw, inplace):
+        kh, kw = w.shape[-2:]
+        out = acc if inplace else acc.clone()
+        out[:, :, ph:ph + kh, pw:pw + kw] += w
+        if inplace:
+            ctx.mark_dirty(out)
+        ctx.region = (ph, pw, kh, kw)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ph, pw, kh, kw = ctx.region
+        return grad, grad[:, :, ph:ph + kh, pw:pw + kw], None, None, None
+
+
+def _add_centred(acc, acc_owned, w, w_owned, kernel_size):
+    """``acc + pad_to(w, kernel_size)`` without materialising the padded kernel. ``acc`` is
+    updated in place when this merge created it (``acc_owned``). Returns ``(sum, owned)``."""
+    if acc is None:
+        if tuple(w.shape[-2:]) != kernel_size:
+            return pad_to(w, kernel_size), True
+        return w, w_owned
+    ph, pw = centre_offset(w.shape[-2:], kernel_size)
+    if not (ph or pw):
+        return acc + w, True
+    inplace = acc_owned and acc._base is None
+    if torch.is_grad_enabled() and (acc.requires_grad or w.requires_grad):
+        return _AddCentred.apply(acc, w, ph, pw, inplace), True
+    out = acc if inplace else acc.clone()
+    out[:, :, ph:ph + w.shape[-2], pw:pw + w.shape[-1]] += w
+    return out, True
 
 
 def _fold(w, b, bn, mean, var):
@@ -64,6 +105,9 @@ class RepBlock(nn.Module, _EvalWeightCache):
     #: whether the family supports stride 2 / grouped / depthwise / in != out in tests
     supports_stride = True
     supports_groups = True
+    #: BNEst folds through the hand-written autograd nodes of :mod:`.fold_est` (``False``:
+    #: the plain autograd composition, kept as the reference the tests compare against)
+    fused_est = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1,
                  padding=None, groups: int = 1, act: nn.Module | None = None):
@@ -174,9 +218,13 @@ class RepBlock(nn.Module, _EvalWeightCache):
                 self._update_est_correction(bn, mean, var, mean_e, var_e)
             else:
                 mean, var = self._corrected(bn, mean_e, var_e)
+        self._update_running(bn, mean, var, n)
+        return mean, var
+
+    @staticmethod
+    def _update_running(bn, mean, var, n):
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean, var, n)
-        return mean, var
 
     # -- BNEst with periodic correction (est_refresh > 0) -----------------------------------
     def _corr_key(self, bn):
@@ -254,38 +302,70 @@ class RepBlock(nn.Module, _EvalWeightCache):
             moments = (mean, var, n_in // (x.shape[2] * x.shape[3]) * oh * ow)
         g, K = self.groups, self.kernel_size
         keep_h = exact and self.post_bn is not None
+        # BNEst without the periodic correction: folds written out as autograd nodes
+        fast_est = moments is not None and not self.est_refresh and self.fused_est
+        if fast_est and self.post_bn is None and all(
+                len(br) == 1 and br[0].bn is not None and bn_uses_batch_stats(br[0].bn)
+                for br in self.branches):
+            return self._merge_single_stage_est(moments)
         W_sum = B_sum = h_sum = None
+        sum_owned = False     # W_sum is a tensor this merge created (may be updated in place)
         for branch in self.branches:
             W = B = h = None
+            owned = False     # W was created here (not a parameter / buffer / view of one)
             # full-precision branch ops are needed up to the last BN (all, with post_bn)
             last = len(branch) - 1 if keep_h else max(
                 (i for i, st in enumerate(branch) if st.bn is not None), default=-1)
             for si, st in enumerate(branch):
-                ws, bs = st.kernel()
-                ws = regroup(ws, st.groups, g, st.in_channels)
+                ws0, bs = st.kernel()
+                ws = regroup(ws0, st.groups, g, st.in_channels)
                 if exact and si <= last:  # FP branch op; later stages pad with the bias B
                     h = st.run(x if si == 0 else h, B if si else None)
                 if W is None:
-                    W = ws
+                    W, owned = ws, ws is not ws0
                     B = bs if bs is not None else ws.new_zeros(st.out_channels)
                 else:
                     W, B = compose(W, B, ws, bs, g)
-                if st.bn is not None:
+                    owned = True
+                if st.bn is not None and fast_est and bn_uses_batch_stats(st.bn):
+                    W, B, mean, var = fold_est(W, B, st.bn, moments[0], moments[1], g)
+                    self._update_running(st.bn, mean, var, moments[2])
+                    owned = True
+                elif st.bn is not None:
                     mean, var = self._stats(st.bn, mode, h, W, B, moments, refresh)
                     W, B, scale, shift = _fold(W, B, st.bn, mean, var)
+                    owned = True
                     if exact and (si < last or keep_h):
                         h = (h - mean.reshape(1, -1, 1, 1)) * scale.reshape(1, -1, 1, 1) + \
                             shift.reshape(1, -1, 1, 1)
-            W_sum = pad_to(W, K) if W_sum is None else W_sum + pad_to(W, K)
+            W_sum, sum_owned = _add_centred(W_sum, sum_owned, W, owned, K)
             B_sum = B if B_sum is None else B_sum + B
             if keep_h:
                 h_sum = h if h_sum is None else h_sum + h
-        if self.post_bn is not None:
+        if self.post_bn is not None and fast_est and bn_uses_batch_stats(self.post_bn):
+            W_sum, B_sum, mean, var = fold_est(W_sum, B_sum, self.post_bn, moments[0],
+                                                moments[1], g)
+            self._update_running(self.post_bn, mean, var, moments[2])
+        elif self.post_bn is not None:
             mean, var = self._stats(self.post_bn, mode, h_sum, W_sum, B_sum, moments, refresh)
             W_sum, B_sum = _fold(W_sum, B_sum, self.post_bn, mean, var)[:2]
         if refresh:
             self.estc_ready.fill_(1)
         return W_sum, B_sum
+
+    def _merge_single_stage_est(self, moments):
+        """BNEst merge of a block whose branches are single stages with a BN, in one
+        autograd node (:func:`~repq_mm.rep.fold_est.merge_est`)."""
+        kernels, bns = [], []
+        for (st,) in self.branches:
+            ws, bs = st.kernel()
+            kernels.append((regroup(ws, st.groups, self.groups, st.in_channels), bs))
+            bns.append(st.bn)
+        m, v, n = moments
+        W, B, means, variances = merge_est(kernels, bns, m, v, self.groups, self.kernel_size)
+        for bn, mean, var in zip(bns, means, variances):
+            self._update_running(bn, mean, var, n)
+        return W, B
 
     # -- RepQ ----------------------------------------------------------------------------
     def enable_repq(self, qcfg: QConfig | None = None, quantize: bool = True) -> 'RepBlock':

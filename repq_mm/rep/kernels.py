@@ -8,15 +8,20 @@ import torch
 import torch.nn.functional as F
 
 
-def pad_to(w: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad a kernel centrally to ``kernel_size`` (e.g. 1x1 or 1x3 into 3x3)."""
-    kh, kw = w.shape[-2:]
-    th, tw = kernel_size
+def centre_offset(size: tuple[int, int], kernel_size: tuple[int, int]) -> tuple[int, int]:
+    """Offsets ``(ph, pw)`` of a ``size`` kernel centred in ``kernel_size``; ``ValueError``
+    when it cannot be centred."""
+    (kh, kw), (th, tw) = tuple(size), tuple(kernel_size)
     if (th - kh) % 2 or (tw - kw) % 2 or th < kh or tw < kw:
         raise ValueError(f'cannot centre a {kh}x{kw} kernel in {th}x{tw}')
-    if (kh, kw) == (th, tw):
+    return (th - kh) // 2, (tw - kw) // 2
+
+
+def pad_to(w: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad a kernel centrally to ``kernel_size`` (e.g. 1x1 or 1x3 into 3x3)."""
+    ph, pw = centre_offset(w.shape[-2:], kernel_size)
+    if not (ph or pw):
         return w
-    ph, pw = (th - kh) // 2, (tw - kw) // 2
     return F.pad(w, (pw, pw, ph, ph))
 
 

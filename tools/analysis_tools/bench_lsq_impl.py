@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Fused PyTorch learnable fake-quant kernels vs the autograd implementation of the LSQ
-formulas (forward + backward), interleaved, median of the fastest repeat block.
+"""LSQ implementations, forward + backward: ``fast`` (the default, one autograd node with
+dense float ops), PyTorch's ``fused`` learnable fake-quant kernels and the autograd
+``reference``; interleaved, median of the fastest repeat block.
 
     OMP_NUM_THREADS=2 python tools/analysis_tools/bench_lsq_impl.py [--threads 2] [--device cpu]
 """
@@ -50,13 +51,17 @@ def main(argv=None):
             0, 255, None),
     }
     print(f'torch {torch.__version__}, device {dev}, threads {args.threads}')
-    print('| tensor | fused (ms) | reference (ms) |\n|---|---:|---:|')
+    impls = ('fast', 'fused', 'reference')
+    print('| tensor | ' + ' | '.join(f'{i} (ms)' for i in impls) + ' | fused / fast |')
+    print('|---|' + '---:|' * (len(impls) + 1))
     for name, (x, s, qn, qp, ax) in cases.items():
-        r = {'fused': [], 'reference': []}
+        r = {impl: [] for impl in impls}
         for _ in range(3):
             for impl in r:
                 r[impl].append(bench(x, s, qn, qp, ax, impl, args.repeats, dev))
-        print(f'| {name} | {min(r["fused"]):.1f} | {min(r["reference"]):.1f} |')
+        best = {k: min(v) for k, v in r.items()}
+        print(f'| {name} | ' + ' | '.join(f'{best[i]:.1f}' for i in impls) +
+              f' | {best["fused"] / best["fast"]:.1f} |')
     return 0
 
 
