@@ -365,7 +365,7 @@ def test_coco_config_step_and_merge(path):
         assert torch.allclose(x, y, atol=1e-4 * max(1.0, x.abs().max().item()), rtol=1e-4)
 
 
-TREE_CONFIGS = sorted(p for d in ('yolov6_trees', 'yolov7_trees')
+TREE_CONFIGS = sorted(p for d in ('yolov6_trees', 'yolov7_trees', 'reference_trees')
                       for p in glob.glob(osp.join(ROOT, 'configs', d, '*_trees.py'))
                       if '_qat-base_' not in p)
 
