@@ -98,6 +98,11 @@ def run_fp(args, opts):
     return save(wd, res)
 
 
+def impl_opts(args):
+    """``repq.impl`` for the quantized steps when ``--lsq-impl`` is given."""
+    return [f'repq.impl={args.lsq_impl}'] if args.lsq_impl else []
+
+
 def run_ptq(args, bits, fp_ckpt, opts):
     """Post-training quantization: the merged FP model, step sizes calibrated on 4
     training batches (LSQCalibHook), evaluated with ``tools/test.py CONFIG none``."""
@@ -108,7 +113,8 @@ def run_ptq(args, bits, fp_ckpt, opts):
         print(f'  PTQ W{bits}A{bits}: reusing {wd}')
         return res
     out = run([sys.executable, 'tools/test.py', cfg, 'none', '--work-dir', wd,
-               '--cfg-options', 'repq.method=ptq', f'repq.init_checkpoint={fp_ckpt}', *opts],
+               '--cfg-options', 'repq.method=ptq', f'repq.init_checkpoint={fp_ckpt}', *opts,
+               *impl_opts(args)],
               osp.join(wd, 'test.log'), f'PTQ W{bits}A{bits}: calibrate + test', args.threads)
     os.makedirs(wd, exist_ok=True)
     return save(wd, bbox_map(out, f'PTQ W{bits}A{bits}'))
@@ -124,7 +130,8 @@ def run_quant(args, method, bits, fp_ckpt, opts):
         print(f'  {name}: reusing {wd}')
         return res
     py = sys.executable
-    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={args.seed}', *opts]
+    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={args.seed}', *opts,
+              *impl_opts(args)]
     label = 'FP fine-tune' if method == 'fp-ft' else f'{LABELS[method]} W{bits}A{bits}'
     out = run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options', *common],
               osp.join(wd, 'train.log'), f'{label}: QAT', args.threads)
@@ -218,6 +225,9 @@ def main(argv=None):
     ap.add_argument('--timing', type=int, metavar='N',
                     help='only measure s/iteration of every config over N iterations')
     ap.add_argument('--force', action='store_true', help='recompute finished steps')
+    ap.add_argument('--lsq-impl', choices=['fast', 'fused', 'reference'],
+                    help="LSQ implementation of the quantized runs (default: the repq default, "
+                         "'fast'; the README's tables used 'fused')")
     args = ap.parse_args(argv)
     if args.methods is None:
         args.methods = MODELS[args.model][2]

@@ -70,7 +70,8 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
         return res
     py = sys.executable
     cfg = osp.join(CFG_DIR, name + '.py')
-    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={seed}', *opts]
+    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={seed}', *opts,
+              *([f'repq.impl={args.lsq_impl}'] if args.lsq_impl else [])]
     label = f'{LABELS[method]} W{bits}A{bits} (seed {seed})'
     if method == 'ptq':  # calibrate + evaluate, no training
         out = run([py, 'tools/test.py', cfg, 'none', '--work-dir', wd,
@@ -135,6 +136,9 @@ def main(argv=None):
                     help='512 training images, 1 epoch, 500 test images (smoke test)')
     ap.add_argument('--merge-all', action='store_true', help='also merge the LSQ baseline')
     ap.add_argument('--force', action='store_true', help='recompute finished steps')
+    ap.add_argument('--lsq-impl', choices=['fast', 'fused', 'reference'],
+                    help="LSQ implementation of the quantized runs (default: the repq default, "
+                         "'fast'; the README's tables used 'fused')")
     args = ap.parse_args(argv)
     opts = QUICK if args.quick else []
     t0 = time.time()

@@ -25,6 +25,13 @@ train_pipeline = [
     dict(type='Pad', size=img_scale, pad_val=dict(img=(114, 114, 114))),
     dict(type='PackDetInputs'),
 ]
+# the same with RTMDet's MixUp of two mosaics (half of the batches), as in mmdet's
+# rtmdet_tiny config; used by the *_fp-mixup_trees.py configs
+train_pipeline_mixup = train_pipeline[:-1] + [
+    dict(type='CachedMixUp', img_scale=img_scale, ratio_range=(1.0, 1.0), max_cached_images=10,
+         random_pop=False, pad_val=(114, 114, 114), prob=0.5),
+    dict(type='PackDetInputs'),
+]
 # RTMDet's second stage: the last epochs without mosaic, closer to the test images
 train_pipeline_stage2 = [
     dict(type='LoadImageFromFile', backend_args=backend_args),
