@@ -26,8 +26,8 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from experiment_utils import (ROOT, cached, last_checkpoint, run, save,  # noqa: E402
-                              stock_test_tool)
+from experiment_utils import (ROOT, add_lsq_impl_arg, cached, last_checkpoint,  # noqa: E402
+                              lsq_impl_opts, run, save, stock_test_tool)
 
 MODELS = {
     'yolov6': ('yolov6_trees', 'yolov6-n', ['fp-ft', 'ptq', 'lsq', 'repq-bn', 'repq-bnest']),
@@ -98,11 +98,6 @@ def run_fp(args, opts):
     return save(wd, res)
 
 
-def impl_opts(args):
-    """``repq.impl`` for the quantized steps when ``--lsq-impl`` is given."""
-    return [f'repq.impl={args.lsq_impl}'] if args.lsq_impl else []
-
-
 def run_ptq(args, bits, fp_ckpt, opts):
     """Post-training quantization: the merged FP model, step sizes calibrated on 4
     training batches (LSQCalibHook), evaluated with ``tools/test.py CONFIG none``."""
@@ -114,7 +109,7 @@ def run_ptq(args, bits, fp_ckpt, opts):
         return res
     out = run([sys.executable, 'tools/test.py', cfg, 'none', '--work-dir', wd,
                '--cfg-options', 'repq.method=ptq', f'repq.init_checkpoint={fp_ckpt}', *opts,
-               *impl_opts(args)],
+               *lsq_impl_opts(args)],
               osp.join(wd, 'test.log'), f'PTQ W{bits}A{bits}: calibrate + test', args.threads)
     os.makedirs(wd, exist_ok=True)
     return save(wd, bbox_map(out, f'PTQ W{bits}A{bits}'))
@@ -131,7 +126,7 @@ def run_quant(args, method, bits, fp_ckpt, opts):
         return res
     py = sys.executable
     common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={args.seed}', *opts,
-              *impl_opts(args)]
+              *lsq_impl_opts(args)]
     label = 'FP fine-tune' if method == 'fp-ft' else f'{LABELS[method]} W{bits}A{bits}'
     out = run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options', *common],
               osp.join(wd, 'train.log'), f'{label}: QAT', args.threads)
@@ -225,9 +220,7 @@ def main(argv=None):
     ap.add_argument('--timing', type=int, metavar='N',
                     help='only measure s/iteration of every config over N iterations')
     ap.add_argument('--force', action='store_true', help='recompute finished steps')
-    ap.add_argument('--lsq-impl', choices=['fast', 'fused', 'reference'],
-                    help="LSQ implementation of the quantized runs (default: the repq default, "
-                         "'fast'; the README's tables used 'fused')")
+    add_lsq_impl_arg(ap)
     args = ap.parse_args(argv)
     if args.methods is None:
         args.methods = MODELS[args.model][2]

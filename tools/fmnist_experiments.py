@@ -24,8 +24,8 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from experiment_utils import (ROOT, cached, cfg_opts, run, save, stock_test_tool,  # noqa: E402
-                              train)
+from experiment_utils import (ROOT, add_lsq_impl_arg, cached, cfg_opts,  # noqa: E402
+                              lsq_impl_opts, run, save, stock_test_tool, train)
 
 CFG_DIR = osp.join(ROOT, 'configs', 'repvgg_fmnist')
 METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc']
@@ -71,7 +71,7 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
     py = sys.executable
     cfg = osp.join(CFG_DIR, name + '.py')
     common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={seed}', *opts,
-              *([f'repq.impl={args.lsq_impl}'] if args.lsq_impl else [])]
+              *lsq_impl_opts(args)]
     label = f'{LABELS[method]} W{bits}A{bits} (seed {seed})'
     if method == 'ptq':  # calibrate + evaluate, no training
         out = run([py, 'tools/test.py', cfg, 'none', '--work-dir', wd,
@@ -136,9 +136,7 @@ def main(argv=None):
                     help='512 training images, 1 epoch, 500 test images (smoke test)')
     ap.add_argument('--merge-all', action='store_true', help='also merge the LSQ baseline')
     ap.add_argument('--force', action='store_true', help='recompute finished steps')
-    ap.add_argument('--lsq-impl', choices=['fast', 'fused', 'reference'],
-                    help="LSQ implementation of the quantized runs (default: the repq default, "
-                         "'fast'; the README's tables used 'fused')")
+    add_lsq_impl_arg(ap)
     args = ap.parse_args(argv)
     opts = QUICK if args.quick else []
     t0 = time.time()

@@ -132,18 +132,13 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, qn: int, qp: int,
             see the module docstring.
     """
     if impl == 'fast':
-        orig_dtype = x.dtype
-        xf = x.float() if orig_dtype not in (torch.float32, torch.float64) else x
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        shape = [1] * xf.dim()               # scale broadcast to x; summed over ``dims``
         if ch_axis is not None:
-            shape = [1] * xf.dim()
             shape[ch_axis] = -1
-            sb = scale.to(xf.dtype).reshape(shape)
-            dims = [d for d in range(xf.dim()) if d != ch_axis % xf.dim()]
-        else:
-            sb = scale.to(xf.dtype).reshape([1] * xf.dim()) if xf.dim() else \
-                scale.to(xf.dtype).reshape(())
-            dims = list(range(xf.dim()))
-        return _LSQFast.apply(xf, sb, qn, qp, grad_factor, dims).to(orig_dtype)
+        dims = [d for d in range(xf.dim()) if ch_axis is None or d != ch_axis % xf.dim()]
+        sb = scale.to(xf.dtype).reshape(shape)
+        return _LSQFast.apply(xf, sb, qn, qp, grad_factor, dims).to(x.dtype)
     if impl == 'fused':
         orig_dtype = x.dtype
         xf = x.float() if orig_dtype != torch.float32 else x

@@ -75,12 +75,7 @@ def _add_centred(acc, acc_owned, w, w_owned, kernel_size):
     ph, pw = centre_offset(w.shape[-2:], kernel_size)
     if not (ph or pw):
         return acc + w, True
-    inplace = acc_owned and acc._base is None
-    if torch.is_grad_enabled() and (acc.requires_grad or w.requires_grad):
-        return _AddCentred.apply(acc, w, ph, pw, inplace), True
-    out = acc if inplace else acc.clone()
-    out[:, :, ph:ph + w.shape[-2], pw:pw + w.shape[-1]] += w
-    return out, True
+    return _AddCentred.apply(acc, w, ph, pw, acc_owned and acc._base is None), True
 
 
 def _fold(w, b, bn, mean, var):

@@ -33,6 +33,9 @@ def _per_output(c: torch.Tensor, groups: int, out_channels: int) -> torch.Tensor
         out_channels, ig)
 
 
+_N_SAVED = 8     # tensors one fold saves for its backward (the last item _forward returns)
+
+
 def _forward(w, b, gamma, beta, m, v, eps, groups):
     """``(w_f, b_f, mean, var, saved)`` of one fold."""
     o, ig = w.shape[:2]
@@ -164,7 +167,7 @@ class MergeEst(torch.autograd.Function):
         for k, (ph, pw, kh, kw) in enumerate(ctx.regions):
             g_wf = None if g_M is None else g_M[:, :, ph:ph + kh, pw:pw + kw]
             g_w, g_b, g_gamma, g_beta, gm, gv = _backward(
-                saved[8 * k:8 * k + 8], groups, g_wf, g_B,
+                saved[_N_SAVED * k:_N_SAVED * (k + 1)], groups, g_wf, g_B,
                 needs[5 + 4 * k:9 + 4 * k] + needs[3:5])
             grads.extend((g_w, g_b, g_gamma, g_beta))
             g_m, g_v = _add(g_m, gm), _add(g_v, gv)
