@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .quant import LSQQuantizer, QConfig, QConv2d, QLinear, check_bits
 from .rep import ConvStage, IdentityStage, RepBlock
+from .rep.base import install_est_refresh_schedule
 
 __all__ = ['convert_to_repq', 'merge_model', 'find_rep_blocks', 'FOREIGN_BLOCKS',
            'ForeignRepBlock']
@@ -537,6 +538,11 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
                                  for p, b in layer_bits.items())):
                 if bits is not None and here:
                     cfg = cfg.replace(w_bits=bits, a_bits=bits)
+            if kinds[id(m)] is None:
+                try:
+                    m.check_repq()
+                except ValueError as e:
+                    raise ValueError(f'cannot convert {names[0] or "<root>"!r}: {e}') from None
             q = None if kinds[id(m)] is None else _quantized_copy(m, kinds[id(m)], cfg,
                                                                    names[0])
             plan.append((m, names, cfg, q))
@@ -552,6 +558,7 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
     for name, mod in model.named_modules():     # names for error messages
         if isinstance(mod, LSQQuantizer):
             mod.name = name
+    install_est_refresh_schedule(model)
     return model
 
 

@@ -75,7 +75,15 @@ def test_repq_cfg_layer_bits():
 
 def test_good_bits_accepted():
     for b in range(2, 9):
-        QConfig(w_bits=b, a_bits=b)
+        cfg = QConfig(w_bits=b, a_bits=b)
+        wq, aq = cfg.weight_quantizer(4), cfg.act_quantizer()
+        assert wq.bits == aq.bits == b
+        assert wq.qrange == (2 ** (b - 1), 2 ** (b - 1) - 1)
+        aq.set_step(torch.ones(1), signed=False)
+        assert aq.qrange == (0, 2 ** b - 1)
+        wq.set_step(torch.ones(1))
+        codes, _ = wq.quantize_to_codes(torch.linspace(-300, 300, 64).reshape(4, 16))
+        assert int(codes.min()) == -2 ** (b - 1) and int(codes.max()) == 2 ** (b - 1) - 1
 
 
 # --------------------------------------------------------------------------------------

@@ -176,6 +176,30 @@ def test_step_stays_positive_and_gets_gradient():
     assert q.step.grad is not None and torch.isfinite(q.step.grad).all()
 
 
+def test_step_parameter_itself_stays_valid():
+    """An optimizer step that pushes the step size below zero is undone at the next
+    training call: the parameter itself is clamped (not only its use), so the value the
+    optimizer, the checkpoint and the export see is the one the forward uses."""
+    torch.manual_seed(0)
+    q = LSQQuantizer(4, per_channel=True, num_channels=3).train()
+    w = torch.randn(3, 8)
+    q(w)
+    opt = torch.optim.SGD(q.parameters(), lr=100.0)
+    q(w).sum().backward()
+    with torch.no_grad():
+        q.step.grad.fill_(1.0)          # a step that drives every step size negative
+    opt.step()
+    assert (q.step < 0).all()
+    out = q(w)
+    assert (q.step > 0).all() and torch.equal(q.scale().detach(), q.step.detach())
+    assert torch.isfinite(out).all()
+    q.eval()                            # eval leaves the parameter alone
+    with torch.no_grad():
+        q.step.fill_(-2.0)
+    q(w)
+    assert (q.step == -2.0).all()
+
+
 def test_codes_reproduce_forward():
     torch.manual_seed(2)
     for per_channel in (False, True):
@@ -215,6 +239,32 @@ def test_eval_weight_cache_tracks_updates():
         qc.weight.mul_(2)          # in-place update bumps the version: cache must refresh
         y2 = qc(x)
     assert not torch.equal(y1, y2)
+
+
+def test_eval_weight_cache_tracks_quantizer_settings():
+    """Disabling the weight quantizer or changing its bit width takes effect in eval at
+    once (the cache is keyed on the quantizer's settings too), for plain layers and rep
+    blocks alike."""
+    from repq_mm.rep import RepVGGBlock
+    torch.manual_seed(0)
+    qc = QConv2d.from_float(torch.nn.Conv2d(3, 4, 3), QConfig(w_bits=8, a_bits=8)).eval()
+    blk = RepVGGBlock(3, 3).enable_repq(QConfig(w_bits=8, a_bits=8)).eval()
+    x = torch.rand(2, 3, 6, 6)
+    for layer in (qc, blk):
+        with torch.no_grad():
+            y_8 = layer(x)
+            layer.w_quant.enabled = False
+            y_off = layer(x)
+            layer.w_quant.enabled = True
+            assert torch.equal(layer(x), y_8)
+            layer.w_quant.bits = 2       # same step, 4 levels: most weights clip
+            y_2 = layer(x)
+        assert not torch.equal(y_off, y_8) and not torch.equal(y_2, y_8)
+        layer.w_quant.enabled = False
+        with torch.no_grad():
+            assert torch.equal(layer(x), y_off)
+        # 8 bits is much closer to the unquantized weight than 2 bits
+        assert (y_8 - y_off).abs().max() < (y_2 - y_off).abs().max()
 
 
 def test_mse_init_minimises_error():

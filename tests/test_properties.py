@@ -96,7 +96,7 @@ def test_deploy_equals_multi_branch(name, data):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data(), w_bits=st.integers(2, 8), a_bits=st.integers(2, 8),
        per_channel=st.booleans(), bn_mode=st.sampled_from(['exact', 'est']))
-def test_quantized_deploy_within_one_step(name, data, w_bits, a_bits, per_channel,
+def test_quantized_deploy_equals_qat(name, data, w_bits, a_bits, per_channel,
                                           bn_mode):
     block, x, gen = build(data.draw(block_case(name)))
     block.train().enable_repq(QConfig(w_bits=w_bits, a_bits=a_bits, bn_mode=bn_mode,
@@ -114,7 +114,7 @@ def test_quantized_deploy_within_one_step(name, data, w_bits, a_bits, per_channe
     qn, qp = block.w_quant.qrange
     assert (codes - codes.round()).abs().max() < 1e-3
     assert codes.round().min() >= -qn and codes.round().max() <= qp
-    one_step = float(block.a_quant.scale().detach().max() *
-                     conv.weight.detach().abs().flatten(1).sum(1).max())
     assert y_qat.shape == y_dep.shape
-    assert (y_qat - y_dep).abs().max().item() <= one_step + 1e-6
+    # the deployed conv runs the very weight, bias and input quantizer of the QAT eval
+    # forward: equal up to float rounding (not within a quantization step)
+    assert (y_qat - y_dep).abs().max().item() <= 1e-6 * max(1.0, y_qat.abs().max().item())

@@ -6,6 +6,7 @@
   use ``type='RepQModel'``.
 * ``HOOKS``: :class:`LSQCalibHook`, :class:`BNEstHook`, :class:`NonFiniteCheckHook`.
 * ``MODEL_WRAPPERS``: :class:`CPUCompatibleDDP` (DDP on CPU ranks, see :mod:`.ddp`).
+* ``OPTIM_WRAPPERS``: :class:`CPUAmpOptimWrapper` (``--amp`` without a GPU, see :mod:`.amp`).
 * mmdet's ``MODELS`` (only when mmdet is installed): the detector backbones / necks of
   :mod:`repq_mm.mm.det` (``EfficientRep``, ``RepPAN``, ``ELANNet``, ``ELANPAN``).
 * ``torch.load(weights_only=True)`` allowlist for mmengine checkpoints
@@ -17,6 +18,7 @@ from mmengine.registry import MODELS
 
 from ..quant import QConv2d, QLinear
 from ..rep import REP_BLOCKS
+from .amp import CPUAmpOptimWrapper, amp_optim_wrapper_type
 from .checkpoint import SAFE_GLOBALS, register_safe_globals, safe_load, state_dict_of
 from .ddp import CPUCompatibleDDP, setup_cpu_distributed
 from .hooks import (BNEstHook, LSQCalibHook, calibrate_lsq, reestimate_bn, set_bn_mode,
@@ -42,7 +44,7 @@ except (ImportError, AssertionError):   # not installed / mmcv version it refuse
 else:
     from . import det  # noqa: F401
 
-__all__ = ['RepQModel', 'wrap_config', 'check_repq_cfg', 'REPQ_DEFAULTS', 'LSQCalibHook',
+__all__ = ['CPUAmpOptimWrapper', 'amp_optim_wrapper_type', 'RepQModel', 'wrap_config', 'check_repq_cfg', 'REPQ_DEFAULTS', 'LSQCalibHook',
            'BNEstHook', 'calibrate_lsq', 'reestimate_bn', 'set_bn_mode', 'step_stats',
            'SAFE_GLOBALS', 'register_safe_globals', 'safe_load', 'state_dict_of',
            'CPUCompatibleDDP', 'setup_cpu_distributed', 'NonFiniteCheckHook',

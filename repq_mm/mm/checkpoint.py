@@ -16,7 +16,11 @@ the globals an mmengine 0.10.7 checkpoint contains (found with
   (``getattr(HistoryBuffer, 'min')`` ...). A real ``getattr`` would make the allowlist
   meaningless (it reaches any attribute of any allowed object), so the name is bound to
   :func:`history_buffer_getattr`, which resolves only functions defined on
-  ``HistoryBuffer`` and raises for everything else.
+  ``HistoryBuffer`` and raises for everything else;
+* ``builtins.bytes``: ``torch.save`` pickles with protocol 2, which writes an *empty* bytes
+  object (the data of an empty numpy array, e.g. a ``HistoryBuffer`` that logged nothing
+  yet) as the call ``bytes()``; the name is bound to :func:`empty_bytes`, which returns
+  ``b''`` and refuses any argument (``bytes(n)`` would allocate ``n`` bytes).
 """
 from __future__ import annotations
 
@@ -48,6 +52,15 @@ def history_buffer_getattr(obj, name, *default):
         'statistics methods are)')
 
 
+def empty_bytes(*args):
+    """Restricted stand-in for ``builtins.bytes`` during ``weights_only`` loading: only the
+    argument-less call protocol 2 writes for ``b''``."""
+    if args:
+        raise pickle.UnpicklingError(
+            f'weights_only load: bytes{args!r} is not allowed (only bytes() is)')
+    return b''
+
+
 def _safe_globals() -> list:
     globs = [
         HistoryBuffer,
@@ -61,6 +74,7 @@ def _safe_globals() -> list:
         (_multiarray.scalar, 'numpy._core.multiarray.scalar'),
         (_multiarray.scalar, 'numpy.core.multiarray.scalar'),
         (history_buffer_getattr, 'builtins.getattr'),
+        (empty_bytes, 'builtins.bytes'),
     ]
     return globs
 

@@ -9,10 +9,8 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
-from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -20,12 +18,10 @@ from mmengine.registry import HOOKS
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..quant import BN_MODES, LSQQuantizer, quant_range
-from ..quant.lsq import mse_step
-from ..rep import RepBlock
-
-#: activation values per batch kept for the MSE step search (init='mse')
-MSE_SAMPLES = 1 << 16
+from .. import calib
+from ..calib import quantizers, rep_blocks, set_bn_mode  # noqa: F401 (re-exported)
+from ..quant import BN_MODES
+from ..quant.layers import clear_weight_caches  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------------------
@@ -33,25 +29,6 @@ MSE_SAMPLES = 1 << 16
 # --------------------------------------------------------------------------------------
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if is_model_wrapper(model) else model
-
-
-def clear_weight_caches(model: nn.Module) -> None:
-    """Drop the eval-mode merged / quantized weight caches (``_EvalWeightCache``)."""
-    for m in model.modules():
-        if '_wcache' in m.__dict__:
-            m.__dict__['_wcache'] = None
-
-
-def quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer, str]]:
-    """``(name, quantizer, kind)`` for every LSQ quantizer, ``kind`` = ``'weight'`` (an
-    attribute named ``w_quant``) or ``'act'``; each quantizer once, in module order."""
-    out, seen = [], set()
-    for name, m in model.named_modules():
-        if isinstance(m, LSQQuantizer) and id(m) not in seen:
-            seen.add(id(m))
-            kind = 'weight' if name.rsplit('.', 1)[-1] == 'w_quant' else 'act'
-            out.append((name, m, kind))
-    return out
 
 
 def _fresh_loader(dataloader):
@@ -69,22 +46,20 @@ def _fresh_loader(dataloader):
                       sampler=dataloader.sampler, drop_last=dataloader.drop_last, **kw)
 
 
-def _run_batches(model: nn.Module, dataloader, num_batches: int) -> int:
-    """Run up to ``num_batches`` batches through ``model`` (``mode='tensor'``, batches
-    prepared by ``model.data_preprocessor`` without training-time batch augmentation)."""
-    done = 0
-    if num_batches <= 0:
-        return 0
-    for batch in _fresh_loader(dataloader):
+def _forward_fn(model: nn.Module):
+    """``forward(batch)`` of an OpenMMLab model: ``mode='tensor'``, the batch prepared by
+    ``model.data_preprocessor`` without training-time batch augmentation."""
+    def forward(batch):
         data = model.data_preprocessor(batch, False)
         if isinstance(data, dict):
-            model(**data, mode='tensor')
-        else:
-            model(*data, mode='tensor')
-        done += 1
-        if done >= num_batches:
-            break
-    return done
+            return model(**data, mode='tensor')
+        return model(*data, mode='tensor')
+    return forward
+
+
+def _run_batches(model: nn.Module, dataloader, num_batches: int) -> int:
+    """Run up to ``num_batches`` batches of ``dataloader`` through ``model``."""
+    return calib.run_batches(_forward_fn(model), _fresh_loader(dataloader), num_batches)
 
 
 def _resolve_iter(when, max_iters: int) -> int:
@@ -120,142 +95,16 @@ def _get_train_loader(runner):
 # --------------------------------------------------------------------------------------
 # LSQ calibration
 # --------------------------------------------------------------------------------------
-@torch.no_grad()
 def calibrate_lsq(model: nn.Module, dataloader, num_batches: int = 1,
                   logger='current') -> dict:
-    """LSQ initialisation of every uninitialised quantizer of ``model``.
-
-    Runs ``num_batches`` batches in ``eval()`` + ``no_grad`` with **all** quantizers
-    disabled, so every layer sees full-precision inputs. Forward pre-hooks on the
-    quantizers record
-
-    * weight quantizers: the tensor they are called with (the weight, or the merged kernel
-      of a rep block with running statistics), initialised from it at once
-      (``s0 = 2 mean|w| / sqrt(Q_P)``, :meth:`LSQQuantizer.initialize`);
-    * activation quantizers: ``mean|x|`` per batch and whether ``x`` has negative values;
-      after the last batch ``s0 = 2 mean_b(mean|x|) / sqrt(Q_P)`` with the signedness
-      (``act_signed='auto'``) decided by any negative value.
-
-    Statistics are all-reduced over ranks (every rank gets the same steps). Quantizers that
-    are already initialised (resumed or loaded checkpoints) are left alone. Returns a summary
-    ``{'weight': n, 'act': n, 'batches': n, 'missed': [names]}``.
-    """
+    """:func:`repq_mm.calib.calibrate_lsq` on ``num_batches`` batches of an OpenMMLab
+    ``dataloader`` (prepared by the model's data preprocessor, ``mode='tensor'``), logged.
+    Returns its summary."""
     model = _unwrap(model)
-    qs = quantizers(model)
-    todo = [(n, q, k) for n, q, k in qs if not q.is_initialized]
-    summary = dict(weight=0, act=0, batches=0, missed=[])
-    if not todo:
-        return summary
-    # per quantizer: sum, count, neg, per-channel sum, then MSE samples (init='mse')
-    acc = {id(q): [0.0, 0, False, None] for _, q, _ in todo}
-
-    def weight_hook(q, args):
-        if not q.is_initialized:
-            q.initialize(args[0])
-
-    gen = torch.Generator().manual_seed(0)
-
-    names = {id(q): n for n, q, _ in todo}
-
-    def act_hook(q, args):
-        x = args[0].detach().float()
-        a = acc[id(q)]
-        if not bool(torch.isfinite(x).all()):
-            raise FloatingPointError(f'LSQ calibration: non-finite values (nan/inf) in the '
-                                     f'input of {names[id(q)]} (batch {a[1] + 1})')
-        if q.init_method == 'mse':   # keep a fixed-size random sample for the MSE search
-            flat = x.reshape(-1)
-            if flat.numel() > MSE_SAMPLES:
-                idx = torch.randint(flat.numel(), (MSE_SAMPLES,), generator=gen)
-                flat = flat[idx.to(flat.device)]
-            a.append(flat.cpu())
-        if q.per_channel:
-            dims = [d for d in range(x.dim()) if d != q.ch_axis % x.dim()]
-            m = x.abs().mean(dim=dims)
-            a[3] = m if a[3] is None else a[3] + m
-        else:
-            a[0] += float(x.abs().mean())
-        a[1] += 1
-        a[2] = a[2] or bool(x.min() < 0)
-
-    handles, enabled = [], {}
-    modes = {m: m.training for m in model.modules()}
-    try:
-        for _, q, _ in qs:
-            enabled[q] = q.enabled
-            q.enabled = False
-        for _, q, kind in todo:
-            handles.append(q.register_forward_pre_hook(weight_hook if kind == 'weight'
-                                                       else act_hook))
-        clear_weight_caches(model)
-        model.eval()
-        summary['batches'] = _run_batches(model, dataloader, num_batches)
-    finally:
-        for h in handles:
-            h.remove()
-        for q, e in enabled.items():
-            q.enabled = e
-        for m, t in modes.items():
-            m.training = t
-    world = get_world_size()
-    acts = [(n, q) for n, q, k in todo if k == 'act']
-    if acts:
-        stats = torch.tensor([[acc[id(q)][0], acc[id(q)][1], float(acc[id(q)][2])]
-                              for _, q in acts], dtype=torch.float64)
-        dev = next((p.device for p in model.parameters()), torch.device('cpu'))
-        if world > 1:
-            s = stats.to(dev)
-            sums = s[:, :2].clone()
-            neg = s[:, 2].clone()
-            all_reduce(sums, op='sum')
-            all_reduce(neg, op='max')
-            stats = torch.cat([sums, neg[:, None]], 1).cpu()
-        for i, (name, q) in enumerate(acts):
-            total, count, neg = stats[i].tolist()
-            if count == 0:
-                summary['missed'].append(name)
-                continue
-            if q.signed_mode == 'auto':
-                q.signed.fill_(int(neg > 0))
-                q._signed_cache = None
-            _, qp = quant_range(q.bits, q.is_signed, q.symmetric)
-            if q.init_method == 'mse' and not q.per_channel:
-                qn, _ = quant_range(q.bits, q.is_signed, q.symmetric)
-                s0 = mse_step(torch.cat(acc[id(q)][4:]), qn, qp).to(q.step)
-                if world > 1:
-                    all_reduce(s0, op='mean')
-                s0 = s0.clamp(min=1e-6)
-            else:
-                if q.per_channel:
-                    m = acc[id(q)][3]
-                    m = m.to(q.step.device) if m is not None else None
-                    if world > 1:
-                        m = m if m is not None else torch.zeros_like(q.step)
-                        all_reduce(m, op='sum')
-                    mean_abs = m / count
-                else:
-                    mean_abs = torch.full((1,), total / count)
-                s0 = (2 * mean_abs / math.sqrt(qp)).clamp(min=1e-6).to(q.step)
-            if q.step.shape != s0.shape:
-                q.step.data = s0          # keep the Parameter object the optimizer holds
-            else:
-                q.step.copy_(s0)
-            q.initialized.fill_(1)
-            q._init_cache = True
-            summary['act'] += 1
-    for name, q, kind in todo:
-        if kind == 'weight':
-            if q.is_initialized:
-                summary['weight'] += 1
-            else:
-                summary['missed'].append(name)
-    clear_weight_caches(model)
-    msg = (f'LSQ calibration on {summary["batches"]} batch(es): initialised '
-           f'{summary["weight"]} weight and {summary["act"]} activation quantizer(s)')
-    if summary['missed']:
-        msg += (f'; {len(summary["missed"])} never ran and stay uninitialised (they '
-                f'initialise at their first call): {summary["missed"][:8]}')
-    print_log(msg, logger=logger)
+    summary = calib.calibrate_lsq(model, _fresh_loader(dataloader), _forward_fn(model),
+                                  num_batches)
+    if summary['weight'] or summary['act'] or summary['missed']:
+        print_log(calib.calibration_message(summary), logger=logger)
     return summary
 
 
@@ -364,101 +213,18 @@ class LSQCalibHook(Hook):
 # --------------------------------------------------------------------------------------
 # BN statistics
 # --------------------------------------------------------------------------------------
-def rep_blocks(model: nn.Module) -> list[RepBlock]:
-    seen, out = set(), []
-    for m in _unwrap(model).modules():
-        if isinstance(m, RepBlock) and id(m) not in seen:
-            seen.add(id(m))
-            out.append(m)
-    return out
-
-
-def set_bn_mode(model: nn.Module, mode: str) -> int:
-    """Set ``bn_mode`` (``'exact'`` / ``'est'``) on every rep block; returns their count."""
-    if mode not in BN_MODES:
-        raise ValueError(f'bn_mode must be one of {BN_MODES}, got {mode!r}')
-    blocks = rep_blocks(model)
-    for blk in blocks:
-        blk.bn_mode = mode
-    return len(blocks)
-
-
-@torch.no_grad()
 def reestimate_bn(model: nn.Module, dataloader, num_batches: int, mode: str | None = None,
                   logger='current') -> int:
-    """Re-estimate the running statistics of every BN inside a rep block.
-
-    ``mode``: the statistics to average: ``None`` (default) keeps every block's own
-    ``bn_mode``, i.e. the statistics the network was trained to be normalised with (a model
-    trained with BNEst keeps estimated statistics: exact ones would change the deployed
-    normalisation by up to the estimation error); ``'exact'`` / ``'est'`` force one.
-
-    Resets them, sets ``momentum=None`` (cumulative average), runs ``num_batches`` batches
-    with the rep blocks in train mode and that ``bn_mode`` (batch statistics;
-    everything else in eval mode, quantizers as they are) under ``torch.no_grad()``, then
-    averages the statistics over ranks and restores momentum, ``bn_mode`` and train/eval
-    modes. Parameters (weights, LSQ step sizes) do not change. A BN that saw no batch keeps
-    its old statistics. Returns the number of batches run.
-    """
+    """:func:`repq_mm.calib.reestimate_bn` over ``num_batches`` batches of an OpenMMLab
+    ``dataloader``, logged. Returns the number of batches run."""
     model = _unwrap(model)
-    blocks = rep_blocks(model)
-    bns, seen = [], set()
-    for blk in blocks:
-        for bn in blk.bns():
-            if id(bn) not in seen and bn.track_running_stats and bn.running_mean is not None:
-                seen.add(id(bn))
-                bns.append(bn)
-    if not bns or num_batches <= 0:
-        return 0
-    modes = {m: m.training for m in model.modules()}
-    saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone(),
-              bn.num_batches_tracked.clone()) for bn in bns]
-    bn_modes = [blk.bn_mode for blk in blocks]
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        model.eval()
-        for blk in blocks:
-            blk.train()
-            if mode is not None:
-                blk.bn_mode = mode
-        clear_weight_caches(model)
-        done = _run_batches(model, dataloader, num_batches)
-    except BaseException:
-        for bn, (mom, rm, rv, nb) in zip(bns, saved):
-            bn.running_mean.copy_(rm)
-            bn.running_var.copy_(rv)
-            bn.num_batches_tracked.copy_(nb)
-        raise
-    finally:
-        for bn, state in zip(bns, saved):
-            bn.momentum = state[0]
-        for blk, mode in zip(blocks, bn_modes):
-            blk.bn_mode = mode
-        for m, t in modes.items():
-            m.training = t
-        clear_weight_caches(model)
-    stale = 0
-    seen_local = torch.tensor([float(bn.num_batches_tracked > 0) for bn in bns])
-    if get_world_size() > 1:
-        dev = bns[0].running_mean.device
-        seen_all = seen_local.to(dev)
-        all_reduce(seen_all, op='min')
-        seen_local = seen_all.cpu()
-        for bn in bns:
-            all_reduce(bn.running_mean, op='mean')
-            all_reduce(bn.running_var, op='mean')
-    for bn, (mom, rm, rv, nb), ok in zip(bns, saved, seen_local.tolist()):
-        if not ok:
-            stale += 1
-            bn.running_mean.copy_(rm)
-            bn.running_var.copy_(rv)
-            bn.num_batches_tracked.copy_(nb)
-    msg = f'BN re-estimation: {len(bns)} BN(s) in {len(blocks)} rep block(s), {done} batch(es)'
-    if stale:
-        msg += f'; {stale} BN(s) saw no batch and keep their statistics'
-    print_log(msg, logger=logger)
+    done, n_bn, n_blocks, stale = calib.reestimate_bn(
+        model, _fresh_loader(dataloader), _forward_fn(model), num_batches, mode)
+    if n_bn and num_batches > 0:
+        msg = f'BN re-estimation: {n_bn} BN(s) in {n_blocks} rep block(s), {done} batch(es)'
+        if stale:
+            msg += f'; {stale} BN(s) saw no batch and keep their statistics'
+        print_log(msg, logger=logger)
     return done
 
 

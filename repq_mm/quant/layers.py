@@ -12,21 +12,34 @@ from .lsq import LSQQuantizer
 
 
 class _EvalWeightCache:
-    """Caches the quantized weight while not training, keyed on tensor versions, so that
-    inference does not re-quantize (or re-merge) the weight on every call."""
+    """Caches the quantized weight while not training, keyed on tensor versions and on the
+    weight quantizer's settings (``enabled``, ``bits``, ...), so that inference does not
+    re-quantize (or re-merge) the weight on every call. Not used while training, while
+    gradients are needed, or inside ``torch.compile`` (which traces the computation)."""
 
-    def _cached(self, key_tensors, compute):
+    def _cached(self, key_tensors, compute, quantizer=None):
         if self.training or torch.is_grad_enabled() and any(
                 t.requires_grad for t in key_tensors):
             self.__dict__['_wcache'] = None
             return compute()
+        if torch.compiler.is_compiling():
+            return compute()
         key = tuple((id(t), t._version, t.device) for t in key_tensors)
+        if quantizer is not None:
+            key += (quantizer.state_key(),)
         cache = self.__dict__.get('_wcache')
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 cache = (key, compute())
             self.__dict__['_wcache'] = cache
         return cache[1]
+
+
+def clear_weight_caches(model: nn.Module) -> None:
+    """Drop every eval-mode merged / quantized weight cache in ``model``."""
+    for m in model.modules():
+        if isinstance(m, _EvalWeightCache):
+            m.__dict__['_wcache'] = None
 
 
 class QConv2d(nn.Conv2d, _EvalWeightCache):
@@ -65,7 +78,7 @@ class QConv2d(nn.Conv2d, _EvalWeightCache):
         if self.w_quant is None:
             return self.weight
         return self._cached([self.weight, self.w_quant.step],
-                            lambda: self.w_quant(self.weight))
+                            lambda: self.w_quant(self.weight), self.w_quant)
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias the layer adds (float; integer export replaces it, see
@@ -108,7 +121,7 @@ class QLinear(nn.Linear, _EvalWeightCache):
         if self.w_quant is None:
             return self.weight
         return self._cached([self.weight, self.w_quant.step],
-                            lambda: self.w_quant(self.weight))
+                            lambda: self.w_quant(self.weight), self.w_quant)
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias the layer adds (float; integer export replaces it)."""

@@ -246,8 +246,11 @@ class LSQQuantizer(nn.Module):
                                             else 1))
         self.register_buffer('initialized', torch.zeros((), dtype=torch.uint8))
         self.register_buffer('signed', torch.tensor(int(signed is True), dtype=torch.uint8))
-        self._init_cache: bool | None = None
-        self._signed_cache: bool | None = None
+        # Python mirrors of the two buffers, so that forward never syncs on a tensor (and
+        # torch.compile sees plain bools); kept in step by every method that writes them
+        self._init_cache = False
+        self._signed_cache = signed is True
+        self._calib: dict | None = None
 
     # -- state -------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -256,21 +259,28 @@ class LSQQuantizer(nn.Module):
             # keep the Parameter object (optimizers / DDP may hold it), change its shape
             self.step.data = torch.empty_like(state_dict[key], device=self.step.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._init_cache = self._signed_cache = None
+        self.sync_state()
+
+    def sync_state(self) -> None:
+        """Re-read the ``initialized`` / ``signed`` buffers into their Python mirrors (after
+        anything wrote the buffers directly, e.g. a broadcast)."""
+        self._init_cache = bool(self.initialized.item())
+        self._signed_cache = bool(self.signed.item())
 
     @property
     def is_initialized(self) -> bool:
-        if self._init_cache is None:
-            self._init_cache = bool(self.initialized.item())
         return self._init_cache
 
     @property
     def is_signed(self) -> bool:
         if self.signed_mode != 'auto':
             return bool(self.signed_mode)
-        if self._signed_cache is None:
-            self._signed_cache = bool(self.signed.item())
         return self._signed_cache
+
+    def state_key(self) -> tuple:
+        """What a cached quantized weight depends on besides the tensors themselves."""
+        return (self.enabled, self.bits, self.is_signed, self.symmetric, self.per_channel,
+                self.impl)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -287,6 +297,36 @@ class LSQQuantizer(nn.Module):
                 f'symmetric={self.symmetric}, init={self.init_method}, impl={self.impl}, '
                 f'enabled={self.enabled}')
 
+    @torch.no_grad()
+    def set_step(self, step: torch.Tensor, signed: bool | None = None) -> None:
+        """Set the step size (same ``Parameter`` object, new shape if needed) and, for
+        ``signed='auto'`` quantizers, the signedness; marks the quantizer initialised."""
+        if signed is not None and self.signed_mode == 'auto':
+            self.signed.fill_(int(bool(signed)))
+            self._signed_cache = bool(signed)
+        step = step.detach().to(self.step)
+        if self.step.shape != step.shape:
+            self.step.data = step.clone()         # the optimizer keeps the same Parameter
+        else:
+            self.step.copy_(step)
+        self.initialized.fill_(1)
+        self._init_cache = True
+
+    def reset(self) -> None:
+        """Mark the quantizer uninitialised: it initialises again at its next call (or
+        calibration)."""
+        self.initialized.fill_(0)
+        self._init_cache = False
+        self._calib = None
+
+    def _name(self) -> str:
+        return getattr(self, 'name', '') or '(unnamed)'
+
+    def _check_finite(self, s0: torch.Tensor, what: str) -> None:
+        if not bool(torch.isfinite(s0).all()):
+            raise FloatingPointError(f'LSQ quantizer {self._name()} ({self.extra_repr()}): '
+                                     f'non-finite values (nan/inf) in {what}')
+
     # -- init --------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -294,13 +334,14 @@ class LSQQuantizer(nn.Module):
         ``'mse'``: :func:`mse_step`), averaged over ranks."""
         x = x.detach().float()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        signed = None
         if self.signed_mode == 'auto':
             neg = (x.min() < 0).float().reshape(1)
             if world > 1:
                 dist.all_reduce(neg, op=dist.ReduceOp.MAX)
-            self.signed.fill_(int(neg.item() > 0))
-            self._signed_cache = None
-        qn, qp = self.qrange
+            signed = bool(neg.item() > 0)
+        qn, qp = quant_range(self.bits, self.is_signed if signed is None else signed,
+                             self.symmetric)
         axis = self.ch_axis % x.dim() if self.per_channel else None
         if self.init_method == 'mse':
             s0 = mse_step(x, qn, qp, axis)
@@ -312,29 +353,110 @@ class LSQQuantizer(nn.Module):
         if world > 1:
             dist.all_reduce(s0)
             s0 /= world
-        if not bool(torch.isfinite(s0).all()):    # once per quantizer; NaN/inf reach s0
-            raise FloatingPointError(
-                f'LSQ quantizer {getattr(self, "name", "") or "(unnamed)"} ({self.extra_repr()}): '
-                f'non-finite values (nan/inf) in the tensor its step size is initialised from')
-        s0 = s0.clamp(min=1e-6)
-        if self.step.shape != s0.shape:
-            self.step.data = s0.to(self.step)     # same Parameter object, new shape
+        self._check_finite(s0, 'the tensor its step size is initialised from')
+        self.set_step(s0.clamp(min=1e-6), signed)
+
+    # -- calibration protocol: observe() batches, then finalize() --------------------------
+    def start_calibration(self) -> None:
+        """Forget statistics of an earlier, unfinished calibration."""
+        self._calib = None
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                max_samples: int = 1 << 16, name: str | None = None) -> None:
+        """Accumulate calibration statistics of ``x`` (an activation batch): ``mean|x|``
+        (per channel when ``per_channel``), whether ``x`` has negative values, and for
+        ``init='mse'`` a random sample of at most ``max_samples`` values. :meth:`finalize`
+        turns them into the step size. ``name``: how error messages call the quantizer
+        (default: its name in the converted model)."""
+        x = x.detach().float()
+        c = self._calib
+        if c is None:
+            c = self._calib = dict(total=0.0, per_channel=None, count=0, neg=False,
+                                   samples=[])
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(f'LSQ calibration: non-finite values (nan/inf) in the '
+                                     f'input of {name or self._name()} '
+                                     f'(batch {c["count"] + 1})')
+        if self.init_method == 'mse':   # a fixed-size random sample for the MSE search
+            flat = x.reshape(-1)
+            if flat.numel() > max_samples:
+                idx = torch.randint(flat.numel(), (max_samples,), generator=generator)
+                flat = flat[idx.to(flat.device)]
+            c['samples'].append(flat.cpu())
+        if self.per_channel:
+            dims = [d for d in range(x.dim()) if d != self.ch_axis % x.dim()]
+            m = x.abs().mean(dim=dims)
+            c['per_channel'] = m if c['per_channel'] is None else c['per_channel'] + m
         else:
-            self.step.copy_(s0)
-        self.initialized.fill_(1)
-        self._init_cache = True
+            c['total'] += float(x.abs().mean())
+        c['count'] += 1
+        c['neg'] = c['neg'] or bool(x.min() < 0)
+
+    @torch.no_grad()
+    def finalize(self) -> bool:
+        """Set the step size from the observed batches (``init='lsq'``: ``2 mean_b(mean|x|)
+        / sqrt(Q_P)``; ``'mse'``: :func:`mse_step` on the samples), signedness
+        (``'auto'``) from any negative value; statistics combined over ranks (every rank gets
+        the same step; every rank must call it, in the same order). Returns ``False`` (and
+        changes nothing) when no batch was observed on any rank."""
+        c = self._calib or dict(total=0.0, per_channel=None, count=0, neg=False, samples=[])
+        self._calib = None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        dev = self.step.device
+        stats = torch.tensor([c['total'], float(c['count']), float(c['neg'])],
+                             dtype=torch.float64)
+        if world > 1:
+            stats = stats.to(dev)
+            dist.all_reduce(stats)
+            stats = stats.cpu()
+        total, count, neg = stats.tolist()
+        if count == 0:
+            return False
+        signed = (neg > 0) if self.signed_mode == 'auto' else None
+        qn, qp = quant_range(self.bits, self.is_signed if signed is None else signed,
+                             self.symmetric)
+        if self.init_method == 'mse' and not self.per_channel:
+            s0 = mse_step(torch.cat(c['samples']), qn, qp).to(dev) if c['samples'] else \
+                torch.zeros(1, device=dev)
+            if world > 1:
+                have = torch.tensor([float(bool(c['samples']))], device=dev)
+                s0 = s0 * have
+                dist.all_reduce(s0)
+                dist.all_reduce(have)
+                s0 = s0 / have.clamp(min=1)
+        elif self.per_channel:
+            m = c['per_channel']
+            m = m.to(dev) if m is not None else torch.zeros_like(self.step)
+            if world > 1:
+                dist.all_reduce(m)
+            s0 = 2 * (m / count) / math.sqrt(qp)
+        else:
+            s0 = 2 * torch.full((1,), total / count, device=dev) / math.sqrt(qp)
+        self._check_finite(s0, 'the calibration batches')
+        self.set_step(s0.clamp(min=1e-6), signed)
+        return True
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not self.is_initialized:
-            self.initialize(x)
+        if not self._init_cache:
+            self._init_from_first_call(x)
+        if self.training and self.step.requires_grad:
+            with torch.no_grad():      # keep the parameter itself valid (the optimizer may
+                self.step.clamp_(min=_EPS)   # have pushed it below zero): value = use
         qn, qp = self.qrange
         n = x.numel() // self.step.numel()
         grad_factor = 1.0 / math.sqrt(n * qp)
         return lsq_fake_quant(x, self.scale(), qn, qp, grad_factor,
                               self.ch_axis if self.per_channel else None, self.impl)
+
+    @torch.compiler.disable
+    def _init_from_first_call(self, x: torch.Tensor) -> None:
+        """First-call initialisation (data-dependent, collective): run eagerly under
+        ``torch.compile``; calibrate before compiling to avoid the graph break."""
+        self.initialize(x)
 
     @torch.no_grad()
     def quantize_to_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,8 @@ From that description alone the base class provides:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,8 +26,7 @@ from ..quant.layers import QConv2d, _EvalWeightCache, frozen_copy
 from .fold_est import fold_est, merge_est
 from .kernels import apply_to_channels, centre_offset, compose, pad_to, regroup
 from .stages import Stage, _pair
-from .stats import (bn_uses_batch_stats, channel_var_mean, update_running_stats,
-                    wants_sync)
+from .stats import bn_uses_batch_stats, channel_var_mean, sync_group, update_running_stats
 
 #: name -> block class, filled by :func:`register_block` (the test suite runs every entry)
 REP_BLOCKS: dict[str, type] = {}
@@ -78,9 +79,118 @@ def _add_centred(acc, acc_owned, w, w_owned, kernel_size):
     return _AddCentred.apply(acc, w, ph, pw, acc_owned and acc._base is None), True
 
 
+def _autocast_dtype(t: torch.Tensor | None):
+    """The autocast dtype active for ``t``'s device, or ``None``."""
+    if t is None:
+        return None
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _float32_region(device_type: str):
+    """Autocast off for ``device_type``: the kernel algebra, BN statistics and folds run in
+    the parameters' dtype (float32), as PyTorch's BN computes its statistics under autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def _autocast_region(device_type: str, dtype):
+    """Autocast back on (``dtype``) for the full-precision branch convs of RepQ-BN, which run
+    in reduced precision like every other conv of an autocast model."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
 def _fold(w, b, bn, mean, var):
     scale, shift = _bn_affine(bn, mean, var)
     return w * scale.reshape(-1, 1, 1, 1), (b - mean) * scale + shift, scale, shift
+
+
+class _CallCounter:
+    """Calls of a block's BNEst merge (``est_refresh`` schedule)."""
+
+    def __init__(self):
+        self.calls = 0
+
+
+class EstRefreshSchedule:
+    """Forward pre-hook of a model's root module that decides, once per forward call and
+    outside ``torch.compile``'s graph, which rep blocks compute exact statistics on this
+    call (``est_refresh``): each block then only reads a bool (two compiled variants: a
+    refresh step and a plain step) instead of a call counter, which ``torch.compile`` would
+    treat as a constant and recompile for at every step. Installed by
+    :func:`install_est_refresh_schedule`; without it a block counts its own calls (same
+    schedule, one graph break per block under ``torch.compile``)."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)
+
+    @torch.compiler.disable
+    def __call__(self, module, args):
+        for blk in self.blocks:
+            if blk.repq and blk.est_refresh and blk.bn_mode == 'est' and any(
+                    bn_uses_batch_stats(bn) for bn in blk.bns()):
+                blk._refresh_next = blk._count_refresh()
+
+
+def install_est_refresh_schedule(model: nn.Module):
+    """Register an :class:`EstRefreshSchedule` on ``model`` for its rep blocks with
+    ``est_refresh > 0`` (replacing one registered before); returns the hook handle, or
+    ``None`` when no block needs one."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, EstRefreshSchedule):
+            del model._forward_pre_hooks[key]
+    blocks = [m for m in model.modules() if isinstance(m, RepBlock) and m.est_refresh]
+    if not blocks:
+        return None
+    return model.register_forward_pre_hook(EstRefreshSchedule(blocks))
+
+
+class EstCorrection(nn.Module):
+    """Per-channel correction of the BNEst estimate learned from periodic exact statistics
+    (``est_refresh``): for BN ``k`` of a block, the variance ratio ``V / V_est`` and the mean
+    shift ``(mu - mu_est) / sigma``, exponential averages with momentum 0.5. Two flat
+    buffers (one slice per BN, in :meth:`RepBlock.bns` order) and ``ready`` (a correction
+    has been learned), all saved in the checkpoint."""
+
+    def __init__(self, channels: list[int], momentum: float = 0.5, device=None):
+        super().__init__()
+        self.momentum = momentum
+        self.offsets = [0]
+        for c in channels:
+            self.offsets.append(self.offsets[-1] + c)
+        self.register_buffer('var_ratio', torch.ones(self.offsets[-1], device=device))
+        self.register_buffer('mean_shift', torch.zeros(self.offsets[-1], device=device))
+        self.register_buffer('ready', torch.zeros((), dtype=torch.uint8, device=device))
+        self.is_ready = False        # Python mirror of ``ready`` (no sync, compile-friendly)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.is_ready = bool(self.ready.item())
+
+    def mark_ready(self) -> None:
+        self.ready.fill_(1)
+        self.is_ready = True
+
+    def _slice(self, k: int) -> slice:
+        return slice(self.offsets[k], self.offsets[k + 1])
+
+    def correct(self, k: int, mean, var, eps: float):
+        """The corrected ``(mean, var)`` of BN ``k``."""
+        sl = self._slice(k)
+        var = var * self.var_ratio[sl]
+        return mean + self.mean_shift[sl] * torch.sqrt(var + eps), var
+
+    @torch.no_grad()
+    def update(self, k: int, mean, var, mean_e, var_e, eps: float, first: bool) -> None:
+        """Learn from exact ``(mean, var)`` against the estimate ``(mean_e, var_e)``."""
+        sl = self._slice(k)
+        ratio = var / var_e.clamp(min=1e-12)
+        shift = (mean - mean_e) / torch.sqrt(var + eps)
+        for buf, new in ((self.var_ratio, ratio), (self.mean_shift, shift)):
+            buf[sl] = new if first else buf[sl].lerp(new.to(buf.dtype), self.momentum)
 
 
 class RepBlock(nn.Module, _EvalWeightCache):
@@ -119,8 +229,10 @@ class RepBlock(nn.Module, _EvalWeightCache):
         self.repq = False
         self.bn_mode = 'exact'
         self.est_refresh = 0      # BNEst: exact statistics every k steps to correct the estimate
-        self._est_calls = 0
+        self._est_schedule = _CallCounter()
+        self._refresh_next: bool | None = None
         self._estc_seen = False
+        self.est_correction: EstCorrection | None = None
         self.w_quant = None
         self.a_quant = None
 
@@ -182,13 +294,14 @@ class RepBlock(nn.Module, _EvalWeightCache):
             for si, st in enumerate(branch):
                 h = st.run(h, c if si else None)
                 if track:
-                    w, b = st.kernel()
-                    c = (apply_to_channels(w, c, st.groups) if c is not None
-                         else h.new_zeros(st.out_channels)) + (b if b is not None else 0)
+                    with _float32_region(x.device.type):
+                        w, b = st.kernel()
+                        c = (apply_to_channels(w, c, st.groups) if c is not None
+                             else w.new_zeros(st.out_channels)) + (b if b is not None else 0)
                 if st.bn is not None:
                     if track:
                         if bn_uses_batch_stats(st.bn):
-                            var, mean, _ = channel_var_mean(h, wants_sync(st.bn))
+                            var, mean, _ = channel_var_mean(h, sync_group(st.bn))
                         else:
                             mean, var = st.bn.running_mean, st.bn.running_var
                         scale, shift = _bn_affine(st.bn, mean, var)
@@ -200,67 +313,6 @@ class RepBlock(nn.Module, _EvalWeightCache):
         return out
 
     # -- merge ---------------------------------------------------------------------------
-    def _stats(self, bn, mode, h, W, B, moments, refresh=False):
-        if mode == 'running' or not bn_uses_batch_stats(bn):
-            return bn.running_mean, bn.running_var
-        if mode == 'exact' or refresh:
-            var, mean, n = channel_var_mean(h, wants_sync(bn))
-        if mode == 'est':  # moments of the composed kernel applied to the input moments
-            m, v, n = moments
-            mean_e = apply_to_channels(W, m, self.groups) + B
-            var_e = apply_to_channels(W * W, v, self.groups)
-            if refresh:      # learn the correction from this step's exact statistics
-                self._update_est_correction(bn, mean, var, mean_e, var_e)
-            else:
-                mean, var = self._corrected(bn, mean_e, var_e)
-        self._update_running(bn, mean, var, n)
-        return mean, var
-
-    @staticmethod
-    def _update_running(bn, mean, var, n):
-        if bn.training and bn.track_running_stats:
-            update_running_stats(bn, mean, var, n)
-
-    # -- BNEst with periodic correction (est_refresh > 0) -----------------------------------
-    def _corr_key(self, bn):
-        return f'_estc_{self._bn_index[id(bn)]}'
-
-    def _corrected(self, bn, mean, var):
-        """Apply the learned per-channel correction (identity until the first refresh)."""
-        if not self.est_refresh or not self._estc_seen:
-            return mean, var
-        k = self._corr_key(bn)
-        var = var * getattr(self, k + '_var_ratio')
-        return mean + getattr(self, k + '_mean_shift') * torch.sqrt(var + bn.eps), var
-
-    @torch.no_grad()
-    def _update_est_correction(self, bn, mean, var, mean_e, var_e, momentum=0.5):
-        k = self._corr_key(bn)
-        ratio = var / var_e.clamp(min=1e-12)
-        shift = (mean - mean_e) / torch.sqrt(var + bn.eps)
-        r_buf, s_buf = getattr(self, k + '_var_ratio'), getattr(self, k + '_mean_shift')
-        first = not self._estc_seen
-        r_buf.copy_(ratio if first else r_buf.lerp(ratio, momentum))
-        s_buf.copy_(shift if first else s_buf.lerp(shift, momentum))
-
-    def _setup_est_correction(self, refresh: int) -> None:
-        self.est_refresh = int(refresh)
-        self._est_calls = 0
-        if not self.est_refresh:
-            return
-        if not hasattr(self, 'estc_ready'):
-            self.register_buffer('estc_ready', torch.zeros((), dtype=torch.uint8))
-        for i, bn in enumerate(self.bns()):
-            c = bn.num_features
-            dev = bn.weight.device if bn.affine else None
-            if not hasattr(self, f'_estc_{i}_var_ratio'):
-                self.register_buffer(f'_estc_{i}_var_ratio', torch.ones(c, device=dev))
-                self.register_buffer(f'_estc_{i}_mean_shift', torch.zeros(c, device=dev))
-
-    @property
-    def _bn_index(self):
-        return {id(bn): i for i, bn in enumerate(self.bns())}
-
     def merge(self, x: torch.Tensor | None = None, mode: str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged kernel ``M`` ``(O, I/groups, kh, kw)`` and bias ``B`` ``(O,)``.
@@ -269,10 +321,13 @@ class RepBlock(nn.Module, _EvalWeightCache):
             x: the block input (already activation-quantized in RepQ mode). Needed when some
                 BN uses batch statistics (training mode).
             mode: ``'running'``, ``'exact'`` or ``'est'``; default: ``self.bn_mode`` for BNs
-                in training mode, running statistics otherwise.
+                that use batch statistics (training mode), running statistics for the others.
 
         Differentiable in every branch parameter (and in ``x`` through the statistics).
         BNs that use batch statistics update their running statistics, as in training.
+        Under autocast the kernel algebra, the statistics and the folds run in float32 (the
+        parameters' dtype); RepQ-BN's full-precision branch convs run under autocast, as the
+        convs of the multi-branch model would.
         """
         mode = mode or self.bn_mode
         if mode not in BN_MODES + ('running',):
@@ -281,72 +336,155 @@ class RepBlock(nn.Module, _EvalWeightCache):
         if need_batch and x is None:
             raise ValueError(f'{type(self).__name__}.merge() needs the input x while BN uses '
                              'batch statistics (training mode); pass x or use eval()')
-        refresh = need_batch and mode == 'est' and self.est_refresh > 0 and \
-            self._est_calls % self.est_refresh == 0
-        if need_batch and mode == 'est' and self.est_refresh:
-            self._est_calls += 1
-            self._estc_seen = bool(self.estc_ready.item())
-        exact = need_batch and (mode == 'exact' or refresh)
-        moments = None
-        if need_batch and mode == 'est':
-            sync = any(wants_sync(b) for b in self.bns())
-            var, mean, n_in = channel_var_mean(x, sync)
-            oh = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-            ow = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-            # elements per channel of the block output (all ranks), for the unbiased variance
-            moments = (mean, var, n_in // (x.shape[2] * x.shape[3]) * oh * ow)
+        amp = _autocast_dtype(x)
+        with _float32_region(self._device_type(x)):
+            if not need_batch:
+                return self._merge_folded()
+            if mode == 'exact':
+                return self._merge_folded(self._exact_stats, x, amp)
+            return self._merge_est(x, amp)
+
+    def _merge_folded(self, batch_stats=None, x=None, amp=None, fold=None):
+        """The merge itself: every branch's stage kernels composed, each BN folded, the
+        branches summed (smaller kernels centred), ``post_bn`` folded last.
+
+        A BN that uses batch statistics is folded with ``fold(W, B, bn) -> (W_f, B_f)`` when
+        given (BNEst's fused nodes), else with ``batch_stats(bn, h, W, B) -> (mean, var)``
+        (``W``, ``B``: the kernel and bias composed up to that BN; ``h``: the full-precision
+        branch output there when ``x`` is given). Every other BN (and every BN when neither
+        is given) is folded with its running statistics. With ``x`` the full-precision branch
+        ops run too, up to the last BN of each branch (every stage when there is a
+        ``post_bn``), later stages padded with the bias of the map before them.
+        """
         g, K = self.groups, self.kernel_size
-        keep_h = exact and self.post_bn is not None
-        # BNEst without the periodic correction: folds written out as autograd nodes
-        fast_est = moments is not None and not self.est_refresh and self.fused_est
-        if fast_est and self.post_bn is None and all(
-                len(br) == 1 and br[0].bn is not None and bn_uses_batch_stats(br[0].bn)
-                for br in self.branches):
-            return self._merge_single_stage_est(moments)
+        run_fp = x is not None
+        keep_h = run_fp and self.post_bn is not None
+        dev = x.device.type if run_fp else 'cpu'
         W_sum = B_sum = h_sum = None
         sum_owned = False     # W_sum is a tensor this merge created (may be updated in place)
         for branch in self.branches:
             W = B = h = None
             owned = False     # W was created here (not a parameter / buffer / view of one)
-            # full-precision branch ops are needed up to the last BN (all, with post_bn)
             last = len(branch) - 1 if keep_h else max(
                 (i for i, st in enumerate(branch) if st.bn is not None), default=-1)
             for si, st in enumerate(branch):
                 ws0, bs = st.kernel()
                 ws = regroup(ws0, st.groups, g, st.in_channels)
-                if exact and si <= last:  # FP branch op; later stages pad with the bias B
-                    h = st.run(x if si == 0 else h, B if si else None)
+                if run_fp and si <= last:   # FP branch op; later stages pad with the bias B
+                    with _autocast_region(dev, amp):
+                        h = st.run(x if si == 0 else h, B if si else None)
                 if W is None:
                     W, owned = ws, ws is not ws0
                     B = bs if bs is not None else ws.new_zeros(st.out_channels)
                 else:
                     W, B = compose(W, B, ws, bs, g)
                     owned = True
-                if st.bn is not None and fast_est and bn_uses_batch_stats(st.bn):
-                    W, B, mean, var = fold_est(W, B, st.bn, moments[0], moments[1], g)
-                    self._update_running(st.bn, mean, var, moments[2])
+                if st.bn is not None:
+                    W, B, h = self._fold_bn(st.bn, W, B, h, batch_stats, fold,
+                                            run_fp and (si < last or keep_h))
                     owned = True
-                elif st.bn is not None:
-                    mean, var = self._stats(st.bn, mode, h, W, B, moments, refresh)
-                    W, B, scale, shift = _fold(W, B, st.bn, mean, var)
-                    owned = True
-                    if exact and (si < last or keep_h):
-                        h = (h - mean.reshape(1, -1, 1, 1)) * scale.reshape(1, -1, 1, 1) + \
-                            shift.reshape(1, -1, 1, 1)
             W_sum, sum_owned = _add_centred(W_sum, sum_owned, W, owned, K)
             B_sum = B if B_sum is None else B_sum + B
             if keep_h:
                 h_sum = h if h_sum is None else h_sum + h
-        if self.post_bn is not None and fast_est and bn_uses_batch_stats(self.post_bn):
-            W_sum, B_sum, mean, var = fold_est(W_sum, B_sum, self.post_bn, moments[0],
-                                                moments[1], g)
-            self._update_running(self.post_bn, mean, var, moments[2])
-        elif self.post_bn is not None:
-            mean, var = self._stats(self.post_bn, mode, h_sum, W_sum, B_sum, moments, refresh)
-            W_sum, B_sum = _fold(W_sum, B_sum, self.post_bn, mean, var)[:2]
-        if refresh:
-            self.estc_ready.fill_(1)
+        if self.post_bn is not None:
+            W_sum, B_sum, _ = self._fold_bn(self.post_bn, W_sum, B_sum, h_sum, batch_stats,
+                                            fold, False)
         return W_sum, B_sum
+
+    def _device_type(self, x=None) -> str:
+        if x is not None:
+            return x.device.type
+        t = next(self.parameters(), None)
+        if t is None:
+            t = next(self.buffers(), None)
+        return t.device.type if t is not None else 'cpu'
+
+    def _fold_bn(self, bn, W, B, h, batch_stats, fold, update_h):
+        """Fold ``bn`` into ``(W, B)``; with ``update_h`` also apply it to ``h``."""
+        if (batch_stats is None and fold is None) or not bn_uses_batch_stats(bn):
+            if bn.running_mean is None:
+                raise ValueError(f'{type(self).__name__}: a BN without running statistics '
+                                 '(track_running_stats=False) cannot be folded with running '
+                                 'statistics')
+            mean, var = bn.running_mean, bn.running_var
+        elif fold is not None:
+            return (*fold(W, B, bn), h)
+        else:
+            mean, var = batch_stats(bn, h, W, B)
+        W, B, scale, shift = _fold(W, B, bn, mean, var)
+        if update_h:
+            h = (h - mean.reshape(1, -1, 1, 1)) * scale.reshape(1, -1, 1, 1) + \
+                shift.reshape(1, -1, 1, 1)
+        return W, B, h
+
+    # -- statistics ------------------------------------------------------------------------
+    @staticmethod
+    def _update_running(bn, mean, var, n):
+        if bn.training and bn.track_running_stats:
+            update_running_stats(bn, mean, var, n)
+
+    def _exact_stats(self, bn, h, W, B):
+        """RepQ-BN: the batch statistics of the full-precision branch output ``h``."""
+        var, mean, n = channel_var_mean(h, sync_group(bn))
+        self._update_running(bn, mean, var, n)
+        return mean, var
+
+    def _input_moments(self, x):
+        """BNEst: ``(mean, var, n)`` of the block input per channel; ``n``: elements per
+        channel of the block output (all ranks), for the unbiased running variance."""
+        sync = next((grp for grp in map(sync_group, self.bns()) if grp is not False), False)
+        var, mean, n_in = channel_var_mean(x, sync)
+        oh = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        ow = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        return mean, var, n_in // (x.shape[2] * x.shape[3]) * oh * ow
+
+    def _estimate(self, W, B, moments):
+        """BNEst: mean and variance of ``conv(x, W) + B`` from the input moments
+        (diagonal covariance, zero padding ignored; repq-method.md section 3)."""
+        m, v, _ = moments
+        return (apply_to_channels(W, m, self.groups) + B,
+                apply_to_channels(W * W, v, self.groups))
+
+    def _merge_est(self, x, amp):
+        """RepQ-BNEst (with ``est_refresh``: exact statistics every k-th call, which also
+        update the correction applied to the estimate on the calls between)."""
+        refresh = False
+        if self.est_refresh:
+            refresh = self._refresh_due()
+            self._estc_seen = self.est_correction.is_ready
+        moments = self._input_moments(x)
+        n = moments[2]
+        if refresh:
+            def refreshed(bn, h, W, B):
+                var, mean, _ = channel_var_mean(h, sync_group(bn))
+                self.est_correction.update(self._bn_position(bn), mean, var,
+                                           *self._estimate(W, B, moments), bn.eps,
+                                           first=not self._estc_seen)
+                self._update_running(bn, mean, var, n)
+                return mean, var
+            out = self._merge_folded(refreshed, x, amp)
+            self.est_correction.mark_ready()
+            return out
+        if self.est_refresh or not self.fused_est:
+            def estimated(bn, h, W, B):
+                mean, var = self._estimate(W, B, moments)
+                if self._estc_seen:
+                    mean, var = self.est_correction.correct(self._bn_position(bn), mean, var,
+                                                          bn.eps)
+                self._update_running(bn, mean, var, n)
+                return mean, var
+            return self._merge_folded(estimated)
+        if self.post_bn is None and all(
+                len(br) == 1 and br[0].bn is not None and bn_uses_batch_stats(br[0].bn)
+                for br in self.branches):
+            return self._merge_single_stage_est(moments)
+
+        def fused(W, B, bn):        # BNEst folds written out as autograd nodes
+            W, B, mean, var = fold_est(W, B, bn, moments[0], moments[1], self.groups)
+            self._update_running(bn, mean, var, n)
+            return W, B
+        return self._merge_folded(fold=fused)
 
     def _merge_single_stage_est(self, moments):
         """BNEst merge of a block whose branches are single stages with a BN, in one
@@ -362,10 +500,56 @@ class RepBlock(nn.Module, _EvalWeightCache):
             self._update_running(bn, mean, var, n)
         return W, B
 
+    # -- BNEst with periodic correction (est_refresh > 0) -----------------------------------
+    def _refresh_due(self) -> bool:
+        """Whether this call computes exact statistics: decided by the model's
+        :class:`EstRefreshSchedule` when installed, else counted here."""
+        due = self._refresh_next
+        if due is None:
+            return self._count_refresh()
+        self._refresh_next = None
+        return due
+
+    @torch.compiler.disable
+    def _count_refresh(self) -> bool:
+        due = self._est_schedule.calls % self.est_refresh == 0
+        self._est_schedule.calls += 1
+        return due
+
+    def _bn_position(self, bn) -> int:
+        for i, b in enumerate(self.bns()):
+            if b is bn:
+                return i
+        raise KeyError('BN is not part of this block')
+
+    def _setup_est_correction(self, refresh: int) -> None:
+        self.est_refresh = int(refresh)
+        self._est_schedule = _CallCounter()
+        self._refresh_next = None
+        self._estc_seen = False
+        if self.est_refresh and getattr(self, 'est_correction', None) is None:
+            bns = self.bns()
+            dev = next((b.weight.device for b in bns if b.affine), None)
+            self.est_correction = EstCorrection([b.num_features for b in bns], device=dev)
+
     # -- RepQ ----------------------------------------------------------------------------
+    def check_repq(self) -> None:
+        """Raise ``ValueError`` if the block cannot be trained with RepQ and deployed as one
+        conv (what :meth:`enable_repq` and ``convert_to_repq`` check first)."""
+        for i, bn in enumerate(self.bns()):
+            if not bn.track_running_stats or bn.running_mean is None:
+                raise ValueError(
+                    f'{type(self).__name__}: BN {i} ({type(bn).__name__}) has no running '
+                    'statistics (track_running_stats=False): the deployed conv folds fixed BN '
+                    'statistics, so such a block cannot be merged. Use a BN with '
+                    'track_running_stats=True or leave the block out (skip)')
+
     def enable_repq(self, qcfg: QConfig | None = None, quantize: bool = True) -> 'RepBlock':
         """Switch to the RepQ forward ``conv(Q_a(x), Q_w(M), B)`` with ``qcfg``'s
-        quantizers (``quantize=False``: merged forward without quantizers)."""
+        quantizers (``quantize=False``: merged forward without quantizers). Raises
+        ``ValueError`` (:meth:`check_repq`) and changes nothing for a block that cannot be
+        merged."""
+        self.check_repq()
         qcfg = qcfg or QConfig()
         self.repq = True
         self.bn_mode = qcfg.bn_mode
@@ -376,21 +560,23 @@ class RepBlock(nn.Module, _EvalWeightCache):
         return self
 
     def _merged_quantized(self, xq):
-        need_batch = self.training and any(bn_uses_batch_stats(b) for b in self.bns())
-        if need_batch:
+        if any(bn_uses_batch_stats(b) for b in self.bns()):
             w, b = self.merge(xq)
             return (self.w_quant(w) if self.w_quant is not None else w), b
 
         def compute():
             w, b = self.merge(None, 'running')
             return (self.w_quant(w) if self.w_quant is not None else w), b
-        return self._cached(list(self.parameters()) + list(self.buffers()), compute)
+        return self._cached(list(self.parameters()) + list(self.buffers()), compute,
+                            self.w_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.repq:
             return self.act(self.forward_branches(x))
         xq = self.a_quant(x) if self.a_quant is not None else x
         w, b = self._merged_quantized(xq)
+        if w.dtype != xq.dtype and not torch.is_autocast_enabled(xq.device.type):
+            w, b = w.to(xq.dtype), b.to(xq.dtype)   # a reduced-precision model (no autocast)
         return self.act(F.conv2d(xq, w, b, self.stride, self.padding, 1, self.groups))
 
     # -- deploy --------------------------------------------------------------------------
@@ -402,8 +588,9 @@ class RepBlock(nn.Module, _EvalWeightCache):
         (``Q_w(M)``) and whose quantizers carry the learned, frozen step sizes.
         """
         w, b = self.merge(None, 'running')
+        p = next(self.parameters(), w)
         kw = dict(stride=self.stride, padding=self.padding, groups=self.groups, bias=True,
-                  device=w.device, dtype=w.dtype)
+                  device=w.device, dtype=p.dtype)
         if self.w_quant is None and self.a_quant is None:
             conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, **kw)
             conv.weight.copy_(w)

@@ -23,7 +23,23 @@ Both agree with the autograd composition up to float rounding
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def _without_autocast(fn):
+    """Run an autograd ``forward`` / ``backward`` with autocast off on its tensors' device:
+    the fold is float32 arithmetic (as BN statistics are under autocast), also when
+    ``backward()`` is called inside an autocast region."""
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), 'cpu')
+        if not torch.is_autocast_enabled(dev):
+            return fn(ctx, *args)
+        with torch.autocast(dev, enabled=False):
+            return fn(ctx, *args)
+    return wrapper
 
 
 def _per_output(c: torch.Tensor, groups: int, out_channels: int) -> torch.Tensor:
@@ -109,6 +125,7 @@ class FoldEst(torch.autograd.Function):
     statistics) are not differentiable."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, w, b, gamma, beta, m, v, eps, groups):
         w_f, b_f, mean, var, saved = _forward(w, b, gamma, beta, m, v, eps, groups)
         ctx.save_for_backward(*saved)
@@ -117,6 +134,7 @@ class FoldEst(torch.autograd.Function):
         return w_f, b_f, mean, var
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, g_wf, g_bf, _g_mean, _g_var):
         grads = _backward(ctx.saved_tensors, ctx.groups, g_wf, g_bf, ctx.needs_input_grad[:6])
         return (*grads, None, None)
@@ -132,6 +150,7 @@ class MergeEst(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, kernel_size, groups, eps, m, v, *tensors):
         nb = len(eps)
         kh_, kw_ = kernel_size
@@ -159,6 +178,7 @@ class MergeEst(torch.autograd.Function):
         return (M, B, *means, *variances)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, g_M, g_B, *_g_stats):
         saved, groups = ctx.saved_tensors, ctx.groups
         needs = ctx.needs_input_grad
