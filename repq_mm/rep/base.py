@@ -137,11 +137,13 @@ class EstRefreshSchedule:
 
 def install_est_refresh_schedule(model: nn.Module):
     """Register an :class:`EstRefreshSchedule` on ``model`` for its rep blocks with
-    ``est_refresh > 0`` (replacing one registered before); returns the hook handle, or
-    ``None`` when no block needs one."""
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, EstRefreshSchedule):
-            del model._forward_pre_hooks[key]
+    ``est_refresh > 0``, replacing any registered before on ``model`` or on a module inside
+    it (e.g. by an earlier conversion of a sub-module), so each call is counted once;
+    returns the hook handle, or ``None`` when no block needs one."""
+    for m in model.modules():
+        for key, hook in list(m._forward_pre_hooks.items()):
+            if isinstance(hook, EstRefreshSchedule):
+                del m._forward_pre_hooks[key]
     blocks = [m for m in model.modules() if isinstance(m, RepBlock) and m.est_refresh]
     if not blocks:
         return None
