@@ -265,13 +265,14 @@ def _build(branches: list, act: nn.Module | None, post_bn: nn.Module | None = No
         like = main.weight
         geometry = (main.in_channels, main.out_channels, main.kernel_size, main.stride,
                     main.padding, main.groups)
-    elif all(c is None for c in firsts):
-        c = next(bn.num_features for ch in chains for _, bn in ch if bn is not None)
-        like = next(bn.running_mean if bn.running_mean is not None else bn.weight
-                    for ch in chains for _, bn in ch if bn is not None)
-        geometry = (c, c, 1, 1, 0, groups or 1)
+    elif all(c is None for c in firsts) and any(bn is not None for ch in chains
+                                                for _, bn in ch):
+        bn = next(bn for ch in chains for _, bn in ch if bn is not None)
+        like = bn.running_mean if bn.running_mean is not None else bn.weight
+        geometry = (bn.num_features, bn.num_features, 1, 1, 0, groups or 1)
     else:
-        raise _AdaptError('no branch starts with a conv')
+        raise _AdaptError('no branch starts with a conv (the block geometry is read from '
+                          'the largest one)')
     blk = cls(*geometry, act, source=source)
     for chain in chains:
         stages = []

@@ -689,6 +689,19 @@ def test_repvggplus_in_its_stage_and_merged():
         assert merged(x, 0.5)[1] == 0.5             # merged convs add no custom L2 term
 
 
+def test_acnet_without_affine():
+    # use_affine=False: BNs without weight / bias (the original's own deploy conversion
+    # needs bn.weight, so the merge is checked against the eval forward)
+    ref = make(ACNetACBlock, 4, 4, 3, 1, 1, use_affine=False)
+    x = x_for(ref, 6)
+    net = convert_to_repq(copy.deepcopy(ref).train(), quantize=False)
+    close(net(x), ref.train()(x))
+    ref.eval()
+    with torch.no_grad():
+        close(merge_model(ref)(x), ref(x))
+        close(net.eval()(x), ref(x))
+
+
 def test_fastvit_style_mobileone_identity_only():
     # FastViT's MobileOneBlock with num_conv_branches=0 and no scale branch (RepMixer's
     # norm): rbr_conv is None, only rbr_skip; the merge is a 1x1 depthwise-equivalent conv
@@ -725,8 +738,20 @@ class _DBBExtra(DBBBlock):
         self.dbb_extra = conv_bn(4, 4, 3, 1, 1)
 
 
+class _SEBeforeReLU(RepVGGplusBlock):
+    """A fork applying post_se before the nonlinearity (not the known layout)."""
+
+    def __init__(self):
+        super().__init__(4, 4, use_post_se=True)
+
+    def forward(self, x, L2):
+        out = self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x)
+        return self.nonlinearity(self.post_se(out) - 0.5), L2
+
+
 @pytest.mark.parametrize('block, msg', [
     (_NumBranchesMismatch(), 'num_conv_branches=1 but rbr_conv holds 2'),
+    (_SEBeforeReLU(), 'does not reproduce the forward'),
     (_DBBExtra(), "unexpected submodule 'dbb_extra'"),
     (ACNetACBlock(4, 4, 3, 1, 1, nonlinear=nn.ReLU(), use_last_bn=True), None),
 ])
