@@ -422,11 +422,18 @@ def test_unadaptable_block_raises_naming_path(block, msg):
     assert "'1.1'" in str(e.value)
 
 
-def test_look_alike_without_family_raises():
+def test_look_alike_without_family_warns():
+    # a known family's branch name without its defining attribute: warned about, not
+    # adapted, its conv quantized as a plain conv (tests/test_foreign_blocks.py has more)
+    from repq_mm.convert import LookAlikeWarning
     net = nn.Sequential(nn.Module())
     net[0].rbr_1x1 = nn.Conv2d(4, 4, 1)
-    with pytest.raises(ValueError, match=r"'0'.*looks like a re-parameterized block"):
-        find_rep_blocks(net)
+    with pytest.warns(LookAlikeWarning, match=r"'0'.*looks like a re-parameterized block"
+                      r".*\['rbr_1x1'\].*skip=\['0'\]"):
+        assert find_rep_blocks(net) == []
+    with pytest.warns(LookAlikeWarning, match=r"'0'"):
+        q = convert_to_repq(net)
+    assert isinstance(q[0].rbr_1x1, QConv2d)
 
 
 # --------------------------------------------------------------------------------------
@@ -441,13 +448,15 @@ def _mmpretrain_classifier(cfg_model):
     return randomize_bn(MODELS.build(cfg_model)).eval()
 
 
-def _check_classifier(model, n_rep, size=64):
+def _check_classifier(model, n_rep, size=64, n_branches=None):
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x, mode='tensor')
         conv = convert_to_repq(model, quantize=False, inplace=False)
         assert len(find_rep_blocks(conv)) == n_rep
         assert count(conv, ForeignRepBlock) == n_rep
+        if n_branches is not None:
+            assert sum(len(b.branches) for _, b in find_rep_blocks(conv)) == n_branches
         close(conv(x, mode='tensor'), ref)
         merged = merge_model(conv)
         assert count(merged, RepBlock, exact=False) == 0
@@ -469,14 +478,33 @@ def test_mmpretrain_repvgg_a0():
                                        'repvgg', 'repvgg-A0_8xb32_in1k.py'))
     model = _mmpretrain_classifier(cfg.model)
     assert type(model.backbone).__name__ == 'RepVGG'
-    _check_classifier(model, n_rep=22)
+    # the stem block, then arch_settings' num_blocks (A0: [2, 4, 14, 1])
+    arch = type(model.backbone).arch_settings[cfg.model.backbone.arch]
+    _check_classifier(model, n_rep=1 + sum(arch['num_blocks']))
 
 
 def test_mmpretrain_mobileone_s0():
+    pytest.importorskip('mmpretrain')
+    from mmpretrain.models.backbones import MobileOne
+    arch = MobileOne.arch_zoo['s0']
+    base = (64, 128, 256, 512)                 # mmpretrain's MobileOne base channels
     model = _mmpretrain_classifier(dict(
         type='ImageClassifier',
         backbone=dict(type='MobileOne', arch='s0', out_indices=(3,)),
         neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=10, in_channels=1024)))
-    _check_classifier(model, n_rep=len([m for m in model.modules()
-                                        if type(m).__name__ == 'MobileOneBlock']))
+        head=dict(type='LinearClsHead', num_classes=10,
+                  in_channels=int(base[3] * arch['width_factor'][3]))))
+    # expected from the architecture's definition, not from the model: a 3x3 stride-2 stem
+    # block (one conv, the 1x1 scale branch; 3 -> c channels, so no identity), then per
+    # stage and block a depthwise 3x3 block (num_conv_branches convs, the scale branch, the
+    # identity BN unless stride 2) and a pointwise 1x1 block (num_conv_branches convs, the
+    # identity BN when in == out channels)
+    c = min(64, int(base[0] * arch['width_factor'][0]))
+    n_rep, n_branches = 1, 2
+    for i, blocks in enumerate(arch['num_blocks']):
+        planes, k = int(base[i] * arch['width_factor'][i]), arch['num_conv_branches'][i]
+        for j in range(blocks):
+            n_rep += 2
+            n_branches += (k + 1 + (j > 0)) + (k + (c == planes))
+            c = planes
+    _check_classifier(model, n_rep=n_rep, n_branches=n_branches)
