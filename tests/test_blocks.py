@@ -284,11 +284,31 @@ def bn_geometry(block):
     return out
 
 
-def brute_force_stats(block, x, mode):
-    """For every BN: (recorded mean, var), brute-force exact (mean, var) of its input, and
-    the brute-force diagonal estimate ``(sum W m + B, sum W^2 v)`` from the probed
-    affine map feeding it (float64)."""
-    _, rec, _ = run_recording(block, x, mode)
+def brute_kron(x, W, B, kernel, stride, padding):
+    """The 'kron' estimate by brute force from the unfolded patches (float64): exact mean;
+    variance ``sum_tt' R[t,t'] W_t^T C W_t'`` with ``C`` the centre tap's channel covariance
+    and ``R`` the channel-summed tap-pair covariance, ``R[c,c] = 1``."""
+    (kh, kw) = kernel
+    n, c = x.shape[:2]
+    cols = F.unfold(x.double(), kernel, padding=padding, stride=stride)     # N, C*K, L
+    P = cols.reshape(n, c, kh * kw, -1).permute(0, 3, 1, 2).reshape(-1, c, kh * kw)
+    M = P.mean(0)                                                            # C, K
+    Z = P - M
+    ctr = (kh // 2) * kw + kw // 2
+    C = Z[:, :, ctr].t() @ Z[:, :, ctr] / Z.shape[0]
+    R = torch.einsum('nit,nis->ts', Z, Z)
+    R = R / R[ctr, ctr]
+    Wf = W.reshape(W.shape[0], c, kh * kw)
+    mean = torch.einsum('oit,it->o', Wf, M) + B
+    var = torch.einsum('oit,ij,ojs,ts->o', Wf, C, Wf, R)
+    return mean, var
+
+
+def brute_force_stats(block, x, mode, **qkw):
+    """For every BN: (recorded mean, var), brute-force exact (mean, var) of its input, the
+    brute-force diagonal estimate ``(sum W m + B, sum W^2 v)`` from the probed affine map
+    feeding it, and the brute-force 'kron' estimate (float64)."""
+    _, rec, _ = run_recording(block, x, mode, **qkw)
     ref, inputs = bn_inputs(copy.deepcopy(block).double(), x.double(),
                             [(m.double(), v.double()) for m, v in rec])
     xv, xm = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
@@ -307,7 +327,8 @@ def brute_force_stats(block, x, mode):
         v_ex, m_ex = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
         m_est = torch.einsum('oiuv,i->o', W, xm) + B
         v_est = torch.einsum('oiuv,i->o', W * W, xv)
-        out.append((rec[i], (m_ex, v_ex), (m_est, v_est)))
+        out.append((rec[i], (m_ex, v_ex), (m_est, v_est),
+                    brute_kron(x, W, B, *bn_geometry(block)[i])))
     return out
 
 
@@ -326,14 +347,23 @@ def test_bn_statistics_brute_force(case):
     cid, _, cin, _ = case
     for kind in ('iid', 'corr'):
         x = make_input(cin, EST_SIZE, gen, kind, EST_BATCH)
-        for (m, v), (m_ex, v_ex), _ in brute_force_stats(block, x, 'exact'):
+        for (m, v), (m_ex, v_ex), _, _ in brute_force_stats(block, x, 'exact'):
             sd = v_ex.sqrt().max() + 1e-6
             assert _close64(m, m_ex, 1e-5, sd), (kind, 'exact mean')
             assert _close64(v, v_ex, 1e-5, v_ex.max() + 1e-6), (kind, 'exact var')
-        for (m, v), _, (m_est, v_est) in brute_force_stats(block, x, 'est'):
+        for (m, v), _, (m_est, v_est), _ in brute_force_stats(block, x, 'est'):
             sd = v_est.sqrt().max() + 1e-6
             assert _close64(m, m_est, 1e-5, sd), (kind, 'est mean')
             assert _close64(v, v_est, 1e-5, v_est.max() + 1e-6), (kind, 'est var')
+        for i, ((m, v), (m_ex, v_ex), _, (m_k, v_k)) in enumerate(
+                brute_force_stats(block, x, 'est', est_stats='kron')):
+            sd = v_ex.sqrt().max() + 1e-6
+            assert _close64(m, m_ex, 1e-5, sd), (kind, i, 'kron mean is exact')
+            assert _close64(m, m_k, 1e-5, sd), (kind, i, 'kron mean')
+            # float32 quadratic form over K^2 tap pairs (measured up to 1.2e-5)
+            assert _close64(v, v_k, 1e-4, v_k.max() + 1e-6), (kind, i, 'kron var')
+            if bn_geometry(block)[i][0] == (1, 1):
+                assert _close64(v, v_ex, 1e-5, v_ex.max() + 1e-6), (kind, i, '1x1 exact')
 
 
 @pytest.mark.parametrize('factory', [
@@ -362,7 +392,7 @@ def _est_var_error(block, x):
     """Median over BNs (with batch statistics) of the max relative variance error of
     BNEst against the exact statistics of the same input."""
     errs = [((v_est - v_ex).abs() / v_ex.clamp(min=1e-12)).max().item()
-            for _, (_, v_ex), (_, v_est) in brute_force_stats(block, x, 'est')]
+            for _, (_, v_ex), (_, v_est), _ in brute_force_stats(block, x, 'est')]
     return sorted(errs)[len(errs) // 2] if errs else 0.0
 
 

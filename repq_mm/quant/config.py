@@ -29,6 +29,10 @@ class QConfig:
             steps a block computes exact batch statistics too (the RepQ-BN pass) and learns
             a per-channel correction of the estimate (variance ratio, mean shift in units
             of sigma) applied in the steps between. 0: the paper's plain BNEst.
+        est_stats: how RepQ-BNEst estimates a branch's BN statistics from the block input:
+            ``'diag'`` (the paper's diagonal-covariance estimate) or ``'kron'`` (exact means
+            with zero padding and stride, exact variances of 1x1 / identity branches,
+            Kronecker-factored patch covariance for KxK; :mod:`repq_mm.rep.estimators`).
     """
 
     w_bits: int = 8
@@ -40,6 +44,7 @@ class QConfig:
     impl: str = 'fast'
     est_refresh: int = 0
     init: str = 'lsq'
+    est_stats: str = 'diag'
 
     def __post_init__(self):
         check_bits(self.w_bits)
@@ -51,6 +56,9 @@ class QConfig:
             raise ValueError(f'est_refresh must be an int >= 0, got {self.est_refresh!r}')
         if self.init not in ('lsq', 'mse'):
             raise ValueError(f"init must be 'lsq' or 'mse', got {self.init!r}")
+        from ..rep.estimators import ESTIMATORS
+        if self.est_stats not in ESTIMATORS:
+            raise ValueError(f'est_stats must be one of {ESTIMATORS}, got {self.est_stats!r}')
 
     @classmethod
     def from_dict(cls, d: dict) -> 'QConfig':

@@ -16,6 +16,7 @@ From that description alone the base class provides:
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..quant.config import BN_MODES, QConfig
 from ..quant.layers import QConv2d, _EvalWeightCache, frozen_copy
+from .estimators import kron_estimate, tap_statistics
 from .fold_est import fold_est, merge_est
 from .kernels import apply_to_channels, centre_offset, compose, pad_to, regroup
 from .stages import Stage, _pair
@@ -106,6 +108,15 @@ def _autocast_region(device_type: str, dtype):
 def _fold(w, b, bn, mean, var):
     scale, shift = _bn_affine(bn, mean, var)
     return w * scale.reshape(-1, 1, 1, 1), (b - mean) * scale + shift, scale, shift
+
+
+class _InputMoments(NamedTuple):
+    """What RepQ-BNEst knows about a block input: channel ``mean`` / ``var`` ('diag'), or
+    ``taps(bn) -> TapStats`` ('kron'); ``n``: elements per channel of the block output."""
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    n: int
+    taps: object
 
 
 class _CallCounter:
@@ -231,6 +242,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
         self.repq = False
         self.bn_mode = 'exact'
         self.est_refresh = 0      # BNEst: exact statistics every k steps to correct the estimate
+        self.est_stats = 'diag'   # BNEst estimator: 'diag' (paper) | 'kron' (estimators.py)
         self._est_schedule = _CallCounter()
         self._refresh_next: bool | None = None
         self._estc_seen = False
@@ -441,12 +453,46 @@ class RepBlock(nn.Module, _EvalWeightCache):
         ow = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
         return mean, var, n_in // (x.shape[2] * x.shape[3]) * oh * ow
 
-    def _estimate(self, W, B, moments):
-        """BNEst: mean and variance of ``conv(x, W) + B`` from the input moments
-        (diagonal covariance, zero padding ignored; repq-method.md section 3)."""
-        m, v, _ = moments
+    def _estimate(self, W, B, moments, bn=None):
+        """BNEst: mean and variance of ``conv(x, W) + B`` (``W``: the kernel composed up to
+        ``bn``) from the block input: ``est_stats='diag'``: from the input moments (diagonal
+        covariance, zero padding ignored; repq-method.md section 3); ``'kron'``: from the
+        tap statistics of ``bn``'s geometry (:func:`~repq_mm.rep.estimators.kron_estimate`)."""
+        if self.est_stats == 'kron':
+            return kron_estimate(W, B, moments.taps(bn), self.groups)
+        m, v = moments.mean, moments.var
         return (apply_to_channels(W, m, self.groups) + B,
                 apply_to_channels(W * W, v, self.groups))
+
+    def _bn_geometries(self) -> dict:
+        """``id(bn) -> (kernel, stride, padding)`` of the map each BN normalises: the branch
+        prefix up to its stage (``post_bn``: the block's own)."""
+        out = {}
+        for branch in self.branches:
+            k, s, p = [1, 1], [1, 1], [0, 0]
+            for st in branch:
+                for d in (0, 1):
+                    k[d] = max(k[d], st.kernel_size[d])
+                    p[d] += st.padding[d]
+                    s[d] *= st.stride[d]
+                if st.bn is not None:
+                    out[id(st.bn)] = (tuple(k), tuple(s), tuple(p))
+        if self.post_bn is not None:
+            out[id(self.post_bn)] = (self.kernel_size, self.stride, self.padding)
+        return out
+
+    def _kron_statistics(self, x):
+        """``bn -> TapStats`` for ``est_stats='kron'``, each geometry computed once per call."""
+        geoms = self._bn_geometries()
+        sync = next((grp for grp in map(sync_group, self.bns()) if grp is not False), False)
+        cache = {}
+
+        def stats(bn):
+            g = geoms[id(bn)]
+            if g not in cache:
+                cache[g] = tap_statistics(x, *g, sync=sync)
+            return cache[g]
+        return stats
 
     def _merge_est(self, x, amp):
         """RepQ-BNEst (with ``est_refresh``: exact statistics every k-th call, which also
@@ -455,22 +501,28 @@ class RepBlock(nn.Module, _EvalWeightCache):
         if self.est_refresh:
             refresh = self._refresh_due()
             self._estc_seen = self.est_correction.is_ready
-        moments = self._input_moments(x)
-        n = moments[2]
+        kron = self.est_stats == 'kron'
+        if kron:
+            taps = self._kron_statistics(x)
+            moments = _InputMoments(None, None, taps(self.bns()[-1]).n if self.bns() else 0,
+                                    taps)
+        else:
+            moments = _InputMoments(*self._input_moments(x), None)
+        n = moments.n
         if refresh:
             def refreshed(bn, h, W, B):
                 var, mean, _ = channel_var_mean(h, sync_group(bn))
                 self.est_correction.update(self._bn_position(bn), mean, var,
-                                           *self._estimate(W, B, moments), bn.eps,
+                                           *self._estimate(W, B, moments, bn), bn.eps,
                                            first=not self._estc_seen)
                 self._update_running(bn, mean, var, n)
                 return mean, var
             out = self._merge_folded(refreshed, x, amp)
             self.est_correction.mark_ready()
             return out
-        if self.est_refresh or not self.fused_est:
+        if self.est_refresh or not self.fused_est or kron:
             def estimated(bn, h, W, B):
-                mean, var = self._estimate(W, B, moments)
+                mean, var = self._estimate(W, B, moments, bn)
                 if self._estc_seen:
                     mean, var = self.est_correction.correct(self._bn_position(bn), mean, var,
                                                           bn.eps)
@@ -483,7 +535,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
             return self._merge_single_stage_est(moments)
 
         def fused(W, B, bn):        # BNEst folds written out as autograd nodes
-            W, B, mean, var = fold_est(W, B, bn, moments[0], moments[1], self.groups)
+            W, B, mean, var = fold_est(W, B, bn, moments.mean, moments.var, self.groups)
             self._update_running(bn, mean, var, n)
             return W, B
         return self._merge_folded(fold=fused)
@@ -496,8 +548,9 @@ class RepBlock(nn.Module, _EvalWeightCache):
             ws, bs = st.kernel()
             kernels.append((regroup(ws, st.groups, self.groups, st.in_channels), bs))
             bns.append(st.bn)
-        m, v, n = moments
-        W, B, means, variances = merge_est(kernels, bns, m, v, self.groups, self.kernel_size)
+        W, B, means, variances = merge_est(kernels, bns, moments.mean, moments.var,
+                                           self.groups, self.kernel_size)
+        n = moments.n
         for bn, mean, var in zip(bns, means, variances):
             self._update_running(bn, mean, var, n)
         return W, B
@@ -555,6 +608,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
         qcfg = qcfg or QConfig()
         self.repq = True
         self.bn_mode = qcfg.bn_mode
+        self.est_stats = qcfg.est_stats
         self._setup_est_correction(qcfg.est_refresh)
         if quantize:
             self.w_quant = qcfg.weight_quantizer(self.out_channels)
