@@ -34,7 +34,9 @@ This gives 45 tiles with 918 boxes. Tile names: ``<image stem>_x<col px>_y<row p
 Split (fixed, documented): the 45 tile names are sorted, shuffled with
 ``random.Random(0).shuffle``, and the first 9 form ``val``, the remaining 36 ``train``
 (36/9 tiles, a random tile split with seed 0 over the sorted tile names). Both YELL crops
-and the two 400 px sites can fall on either side.
+and the two 400 px sites can fall on either side. Folds for repeated comparisons: fold ``k``
+(0, 1, 2) validates on tiles ``9k .. 9k + 8`` of the same order and trains on the other 36
+(three disjoint validation sets; fold 0 is the split above).
 
 Output (``--out``, default ``data/trees``)::
 
@@ -42,6 +44,7 @@ Output (``--out``, default ``data/trees``)::
     annotations/instances_train.json      # COCO instances, one category {id 1, 'tree'}
     annotations/instances_val.json
     annotations/instances_all.json        # every tile (45)
+    annotations/instances_{train,val}_fold{0,1,2}.json   # the three folds
     annotations/split.json                # the split and the tiling parameters
 
 Idempotent: complete output (the same split) is kept; otherwise everything is written to a
@@ -73,6 +76,7 @@ MIN_EDGE = TILE // 2          # keep an edge tile when the image covers >= half 
 MIN_INSIDE = 0.5              # keep a box when >= half of its area is inside the tile
 VAL_TILES = 9
 SEED = 0
+FOLDS = 3          # disjoint validation folds of VAL_TILES tiles (fold 0 = the split)
 CATEGORIES = [dict(id=1, name='tree', supercategory='plant')]
 EXPECTED = dict(tiles=45, boxes=918)
 
@@ -158,10 +162,26 @@ def make_tiles(data_dir: str, img_dir: str) -> list[dict]:
     return tiles
 
 
-def split(names: list[str]) -> dict[str, list[str]]:
+def _order(names: list[str]) -> list[str]:
     order = sorted(names)
     random.Random(SEED).shuffle(order)
+    return order
+
+
+def split(names: list[str]) -> dict[str, list[str]]:
+    order = _order(names)
     return dict(val=sorted(order[:VAL_TILES]), train=sorted(order[VAL_TILES:]))
+
+
+def folds(names: list[str]) -> list[dict[str, list[str]]]:
+    """:data:`FOLDS` disjoint validation folds: fold ``k`` validates on tiles
+    ``9k .. 9k + 8`` of the seeded order and trains on the other 36 (fold 0 = :func:`split`)."""
+    order = _order(names)
+    out = []
+    for k in range(FOLDS):
+        val = order[k * VAL_TILES:(k + 1) * VAL_TILES]
+        out.append(dict(val=sorted(val), train=sorted(n for n in order if n not in val)))
+    return out
 
 
 def coco(tiles: list[dict]) -> dict:
@@ -186,7 +206,9 @@ def complete(out: str) -> bool:
         return (meta.get('tile') == TILE and meta.get('seed') == SEED
                 and len(meta['val']) == VAL_TILES
                 and all(osp.isfile(osp.join(out, 'annotations', f'instances_{s}.json'))
-                        for s in ('train', 'val', 'all'))
+                        for s in ('train', 'val', 'all', *(f'{p}_fold{k}' for k in
+                                                          range(FOLDS) for p in
+                                                          ('train', 'val'))))
                 and all(osp.isfile(osp.join(out, 'images', n)) for n in names))
     except (OSError, ValueError, KeyError):
         return False
@@ -205,13 +227,17 @@ def build(out: str, wheel_dir: str | None = None) -> dict:
         tiles = make_tiles(data_dir, osp.join(stage, 'images'))
         parts = split([t['file_name'] for t in tiles])
         by_name = {t['file_name']: t for t in tiles}
-        for s, names in (('all', sorted(by_name)), *parts.items()):
+        fold_parts = folds([t['file_name'] for t in tiles])
+        per_fold = [(f'{p}_fold{k}', names) for k, fp in enumerate(fold_parts)
+                    for p, names in fp.items()]
+        for s, names in (('all', sorted(by_name)), *parts.items(), *per_fold):
             with open(osp.join(stage, 'annotations', f'instances_{s}.json'), 'w') as f:
                 json.dump(coco([by_name[n] for n in names]), f)
         nbox = {s: sum(len(by_name[n]['boxes']) for n in names) for s, names in parts.items()}
         meta = dict(tile=TILE, min_edge=MIN_EDGE, min_inside=MIN_INSIDE, seed=SEED,
                     source=WHEEL, sources=list(SOURCES), num_tiles=len(tiles),
-                    num_boxes=sum(nbox.values()), boxes_per_split=nbox, **parts)
+                    num_boxes=sum(nbox.values()), boxes_per_split=nbox, **parts,
+                    folds=[fp['val'] for fp in fold_parts])
         with open(osp.join(stage, 'annotations', 'split.json'), 'w') as f:
             json.dump(meta, f, indent=1)
         if (len(tiles), meta['num_boxes']) != (EXPECTED['tiles'], EXPECTED['boxes']):
