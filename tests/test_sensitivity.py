@@ -412,9 +412,11 @@ def test_tool_budgets(tools, analysed, data_root, fp_checkpoint):
         res3 = json.load(f)
     assert [r['delta'] for r in res3['layers']] == [r['delta'] for r in res['layers']]
     assert res3['budgets'][0]['bytes'] <= budget
-    assert tool.main(analysed['args'][:8] + ['--budget-bytes', str(base - 1), '--from-json',
-                                             js, '--out-dir', out]) == 1
-    assert not osp.exists(osp.join(out, f'mixed_{base - 1}B.py'))
+    out_bad = str(analysed['tmp'] / 'bad')
+    assert tool.main(analysed['args'][:8] + ['--budget-high-layers', '1', '--budget-bytes',
+                                             str(base - 1), '--from-json', js,
+                                             '--out-dir', out_bad]) == 1
+    assert not osp.exists(out_bad)                # nothing written, not even the top-1 config
     assert tool.main(analysed['args'][:8] + ['--high-bits', '8', '--low-bits', '4',
                                              '--from-json', js, '--out-dir', out]) == 1
 
@@ -474,13 +476,20 @@ def test_model_form_and_qat_checkpoint(tools, data_root, fp_checkpoint, tmp_path
     tools['train'].main([cfg8, '--work-dir', wd, '--no-pin-memory', '--no-persistent-workers',
                          '--cfg-options'] + w8)
     out8 = str(tmp_path / 'o8')
+    # ... measured by the evaluator's metric, calibrated on the validation split
     assert tools['sens'].main([cfg8, osp.join(wd, 'iter_2.pth'), '--num-batches', '1',
+                               '--metric', 'metric', '--data', 'val',
                                '--budget-high-layers', '1', '--out-dir', out8,
                                '--cfg-options'] + w8) == 0
     with open(osp.join(out8, 'sensitivity.json')) as f:
         res8 = json.load(f)
     assert res8['settings']['checkpoint_kind'] == 'qat'
+    assert res8['measure'] == 'accuracy/top1' and res8['higher_is_better']
+    assert 'of the validation split' in res8['data']
     assert [r['name'] for r in res8['layers']] == LAYERS
+    for r in res8['layers']:
+        assert r['delta'] == pytest.approx(res8['baseline'] - r['value'], abs=1e-9)
+        assert 0 <= r['value'] <= 100
     with open(res8['budgets'][0]['config']) as f:    # init_checkpoint from --cfg-options
         assert f'init_checkpoint={fp_checkpoint!r}' in f.read()
     # a float config (no repq) is refused, naming why

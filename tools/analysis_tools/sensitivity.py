@@ -66,12 +66,14 @@ deltas, :func:`repq_mm.sensitivity.select_by_bytes`); layers with delta <= 0 sta
 ``--from-json`` reuses the sensitivities of an earlier run (same config, checkpoint, bit
 widths and measure) to write configs for other budgets without measuring again.
 
-Example (Fashion-MNIST RepVGG; mixed W3A4/W8A8 at the size of uniform W4A4)::
+Example (Fashion-MNIST RepVGG from its float checkpoint: mixed W3A4 / W8A8 at the size of
+uniform W4A4 and of uniform W5A5, and with the 4 most sensitive layers at 8 bits)::
 
     python tools/analysis_tools/sensitivity.py \\
         configs/repvgg_fmnist/repvgg-A0w16_repq-bn_w4a4_fmnist.py \\
         work_dirs/fmnist/seed0/fp/epoch_6.pth --low-bits 3 --low-a-bits 4 \\
-        --budget-like w4a4 --budget-high-layers 4
+        --budget-like w4a4 w5a5 --budget-high-layers 4 --out-dir work_dirs/sens_fmnist
+    python tools/train.py work_dirs/sens_fmnist/mixed_w4a4-size.py    # the mixed QAT
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ import os.path as osp
 import re
 import sys
 import tempfile
+import textwrap
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
@@ -408,10 +411,11 @@ def verify_mixed_config(path: str, expect_plan: dict, expect_bytes: int) -> None
 
 def markdown(res: dict) -> str:
     s = res['settings']
+    better = 'higher is better' if res['higher_is_better'] else 'lower is better'
     lines = [f'# Per-layer sensitivity: {osp.basename(s["config"])}', '',
              f'- config: `{s["config"]}`', f'- checkpoint: `{s["checkpoint"]}` '
              f'({s["checkpoint_kind"]})',
-             f'- measure: {res["measure"]} ({"higher is better" if res["higher_is_better"] else "lower is better"}); '
+             f'- measure: {res["measure"]} ({better}); '
              f'delta = degradation when the layer alone goes to W{s["low_w_bits"]}A'
              f'{s["low_a_bits"]}, every other layer at W{s["high_bits"]}A{s["high_bits"]}',
              f'- data: {res["data"]}', f'- baseline (all at {s["high_bits"]} bits): '
@@ -572,7 +576,6 @@ def run(args) -> dict:
     kind = checkpoint_kind(checkpoint)
     out_dir = osp.abspath(args.out_dir or osp.join(
         'work_dirs', 'sensitivity', osp.splitext(osp.basename(config))[0]))
-    os.makedirs(out_dir, exist_ok=True)
     settings = dict(config=config, checkpoint=checkpoint, checkpoint_kind=kind,
                     low_w_bits=low_w, low_a_bits=low_a, high_bits=high, metric=args.metric,
                     metric_key=args.metric_key, data=args.data, num_batches=args.num_batches,
@@ -636,7 +639,7 @@ def run(args) -> dict:
             log=lambda s: print(f'sensitivity: {s}', flush=True))
         measure_name, hib = measure.name, measure.higher_is_better
         if args.metric == 'metric':
-            data_desc += f'; metric on the whole val_dataloader'
+            data_desc += '; metric on the whole val_dataloader'
 
     layers = sens.quantized_layers(struct.get_submodule(ROOT_NAME))
     if [layer.name for layer in layers] != list(plan_low):
@@ -663,25 +666,32 @@ def run(args) -> dict:
         [('high-layers', k) for k in args.budget_high_layers]
     base_layer_bits = dict(checked['layer_bits'] or {})
     init_for_mixed = checkpoint if kind == 'float' else cfg_init
-    records = []
-    for kind_b, value in budgets:
-        rec = choose(kind_b, value, layers, pinned, deltas, low_w, low_a, high, other)
-        path = osp.join(out_dir, f'mixed_{rec["tag"]}.py')
-        header = (f'# Mixed precision chosen by tools/analysis_tools/sensitivity.py from\n'
-                  f'# {checkpoint} ({kind}): budget {kind_b} {value}; measure {measure_name} '
-                  f'on {data_desc}.\n# W{low_w}A{low_a} everywhere except the pinned '
-                  f'layers and {len(rec["chosen"])} kept at W{high}A{high}; weight bytes '
-                  f'{rec["bytes"]} (uniform W{low_w}: {sizes["config_low"]}, uniform '
-                  f'W{high}: {sizes["config_high"]}).\n')
-        write_mixed_config(path, raw_cfg, config, rec, base_layer_bits, low_w, low_a, high,
-                           init_for_mixed, header)
-        plan = plan_for(layers, pinned, set(rec['chosen']), low_w, low_a, high)
-        try:
-            verify_mixed_config(path, plan, rec['bytes'])
-        except BaseException:
-            os.remove(path)
-            raise
-        records.append(rec)
+    # every budget is checked before anything is written
+    records = [choose(kind_b, value, layers, pinned, deltas, low_w, low_a, high, other)
+               for kind_b, value in budgets]
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    try:
+        for rec in records:
+            path = osp.join(out_dir, f'mixed_{rec["tag"]}.py')
+            about = (f'Mixed precision chosen by tools/analysis_tools/sensitivity.py from '
+                     f'{checkpoint} ({kind}): budget {rec["kind"]} {rec["value"]}; measure '
+                     f'{measure_name} on {data_desc}. W{low_w}A{low_a} everywhere except the '
+                     f'pinned layers and {len(rec["chosen"])} kept at W{high}A{high}; weight '
+                     f'bytes {rec["bytes"]} (uniform W{low_w}: {sizes["config_low"]}, uniform '
+                     f'W{high}: {sizes["config_high"]}).')
+            header = ''.join(f'# {line}\n' for line in textwrap.wrap(about, 96,
+                                                                      break_long_words=False))
+            write_mixed_config(path, raw_cfg, config, rec, base_layer_bits, low_w, low_a,
+                               high, init_for_mixed, header)
+            written.append(path)
+            verify_mixed_config(path, plan_for(layers, pinned, set(rec['chosen']), low_w,
+                                               low_a, high), rec['bytes'])
+    except BaseException:
+        for path in written:          # nothing half-written: no config without its check
+            if osp.exists(path):
+                os.remove(path)
+        raise
 
     res = dict(settings=settings, measure=measure_name, higher_is_better=hib,
                data=data_desc, baseline=baseline, layers=table, sizes=sizes,
