@@ -356,6 +356,10 @@ def test_tool_ranking(tools, analysed):
     assert md.count('| `backbone.') == 5 and '| `head.fc` |' in md
     with open(osp.join(out, 'sensitivity.png'), 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(os.stat(osp.join(out, f)).st_mode & 0o777 == 0o666 & ~umask
+               for f in os.listdir(out))               # not mkstemp's private mode
     # deterministic: a second run gives the same numbers and choices
     again = str(analysed['tmp'] / 'b')
     assert tools['sens'].main(analysed['args'] + ['--out-dir', again]) == 0

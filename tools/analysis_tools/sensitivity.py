@@ -370,12 +370,19 @@ def choose(kind: str, value, layers, pinned: dict, deltas: dict, low_w: int, low
 # --------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str, text: str) -> None:
-    d = osp.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', dir=d)
+    """Write ``path`` through a temporary file in its folder (mode as ``open`` gives)."""
+    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', dir=osp.dirname(path))
     try:
         with os.fdopen(fd, 'w') as f:
             f.write(text)
+        os.chmod(tmp, _umask_mode())           # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         if osp.exists(tmp):
@@ -483,6 +490,7 @@ def bar_chart(res: dict, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     finally:
         plt.close(fig)
