@@ -1,7 +1,10 @@
-"""Train a (RepQ) model: mmpretrain's ``tools/train.py`` plus ``repq_mm``.
+"""Train a (RepQ) model: mmpretrain's ``tools/train.py`` (same flags) plus conveniences.
 
-A config with a top-level ``repq`` dict is wrapped into ``RepQModel`` (see
-``repq_mm.mm.wrap_config``); ``repq_mm`` is added to ``custom_imports`` when missing.
+The config is taken as it is (a RepQ config declares ``model = dict(type='RepQModel', ...)``
+itself), so mmpretrain's / mmdet's own ``tools/train.py`` train the same model from it. What
+this one adds: distributed training on CPU ranks (gloo, ``CPUCompatibleDDP``, see
+``repq_mm.mm.ddp``), ``repq_mm`` in ``custom_imports`` when missing, a default scope, and
+``persistent_workers`` switched off with ``num_workers=0`` (see ``repq_mm.mm.cli``).
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [auto|CKPT]] [--amp] ...
 """
