@@ -3,7 +3,7 @@ refuses the old form under every tool.
 
 A RepQ config declares its model itself, the way mmrazor's quantization configs wrap
 ``_base_.model``, so mmpretrain's / mmdet's own ``tools/train.py`` and ``tools/test.py``
-(and ``mim train``) build it as it is::
+build it as it is::
 
     _base_ = 'mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py'
     custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
