@@ -227,19 +227,28 @@ def test_config_sections():
     pytest.importorskip('mmengine')
     from mmengine.config import Config
 
-    from repq_mm.mm import check_repq_cfg, wrap_config
+    from repq_mm.mm import check_config, check_repq_cfg
+    imp = dict(custom_imports=dict(imports=['repq_mm'], allow_failed_imports=False))
     with pytest.raises(KeyError, match="did you mean 'repq'"):
-        wrap_config(Config(dict(model=dict(type='ImageClassifier'), reqp=dict(w_bits=4))))
+        Config(dict(model=dict(type='ImageClassifier'), reqp=dict(w_bits=4), **imp))
     with pytest.raises(KeyError, match="did you mean 'repq'"):
-        wrap_config(Config(dict(model=dict(type='ImageClassifier'), rep_q=dict(w_bits=4))))
-    with pytest.raises(KeyError, match='no `model`'):
-        wrap_config(Config(dict(repq=dict(w_bits=4))))
+        Config(dict(model=dict(type='ImageClassifier'), rep_q=dict(w_bits=4), **imp))
+    with pytest.raises(ValueError, match=r'top-level `repq` section and no RepQModel'):
+        Config(dict(repq=dict(w_bits=4)))
+    with pytest.raises(ValueError,
+                       match=r"(?s)beside a plain ImageClassifier.*type='RepQModel'"):
+        Config(dict(model=dict(type='ImageClassifier'), repq=dict(w_bits=4)))
+    with pytest.raises(KeyError, match=r"'init_ckpt' \(did you mean 'init_checkpoint'\?\)"):
+        Config(dict(model=dict(type='RepQModel', architecture=dict(type='X'),
+                               init_ckpt='fp.pth')))
     with pytest.raises(ValueError, match='repq must be a dict'):
         check_repq_cfg([('w_bits', 4)])
     with pytest.raises(KeyError, match="'bnmode' \\(did you mean 'bn_mode'\\?\\)"):
         check_repq_cfg(dict(bnmode='est'))
-    cfg = Config(dict(model=dict(type='ImageClassifier'), train_cfg=dict(max_iters=1)))
-    assert wrap_config(cfg) is cfg                       # no repq at all: left alone
+    cfg = Config(dict(model=dict(type='ImageClassifier'), train_cfg=dict(max_iters=1), **imp))
+    assert check_config(cfg) is None                      # no repq at all: left alone
+    # a config that does not import repq_mm may have any other top-level section
+    assert Config(dict(model=dict(type='ImageClassifier'), repo=dict(url='x'))).repo.url == 'x'
 
 
 def _tree_hash(d):
@@ -301,13 +310,16 @@ def test_merge_quant_bad_input(tmp_path, capsys, data_root):  # noqa: F811
         refused([cfg, bad, str(tmp_path / 'new_out')], msg)
     # another model in OUT_DIR: refused without --overwrite, replaced with it
     refused([cfg, other, out], 'already holds a different model.*--overwrite')
-    for text, msg in (('repq = dict(w_bit=4)', "did you mean 'w_bits'"),
-                      ('repq = dict(w_bits=33)', r'repq\.w_bits: bit width must be in 2\.\.8'),
-                      ('repq = dict(a_bits=4.0)', r'repq\.a_bits')):
-        bad_cfg = tmp_path / 'bad_cfg.py'
-        bad_cfg.write_text(open(cfg).read() + text + '\n')
+    for bad_repq, msg in ((dict(w_bit=4), "did you mean 'w_bits'"),
+                          (dict(w_bits=33), r'repq\.w_bits: bit width must be in 2\.\.8'),
+                          (dict(a_bits=4.0), r'repq\.a_bits')):
+        bad_cfg = write_config(tmp_path / 'bad_cfg.py', root, bad_repq)
         listing = sorted(os.listdir(tmp_path))
-        refused([str(bad_cfg), good, out, '--overwrite'], msg)
+        refused([bad_cfg, good, out, '--overwrite'], msg)
+    # the old form (a top-level repq beside the plain model): refused, showing the new one
+    bare = write_config(tmp_path / 'bad_cfg.py', root, extra=f'repq = {repq!r}\n')
+    refused([bare, good, out, '--overwrite'],
+            r"top-level `repq` section beside a plain ImageClassifier.*type='RepQModel'")
     assert merge_tool.main([cfg, other, out, '--overwrite']) == 0
     assert _tree_hash(out) != held
 

@@ -4,12 +4,15 @@
   the backbones / necks;
 * merge equivalence of the whole detector (deploy vs QAT eval outputs, ``mode='tensor'``);
 * the tree-tile converter's tiling rules;
-* end to end through mmengine's Runner on 4 real DeepForest tiles (``data/trees``, written by
-  ``tools/dataset_converters/deepforest_trees.py``; ``tools/run_tests.sh`` fetches it): a few
-  RepQ training iterations, checkpoint, ``tools/merge_quant.py``, the stock mmdet
-  ``tools/test.py`` on the merged checkpoint (CocoMetric) against our ``tools/test.py`` on the
-  QAT checkpoint;
-* every COCO config: build, one training step and one merge on random tensors.
+* end to end on 4 real DeepForest tiles (``data/trees``, written by
+  ``tools/dataset_converters/deepforest_trees.py``; ``tools/run_tests.sh`` fetches it): the
+  stock mmdet ``tools/train.py`` trains the shipped CI config as it is for a few RepQ
+  iterations (the checkpoint holds the initialised quantizers), ``tools/merge_quant.py``, the
+  stock mmdet ``tools/test.py`` on the merged checkpoint (CocoMetric) against our
+  ``tools/test.py`` on the QAT checkpoint, integer ONNX export;
+* every tree and COCO config declares its model itself (a RepQModel around the FP config's
+  detector for the quantized ones); every COCO config: build, one training step and one
+  merge on random tensors.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from mmdet.testing import demo_mm_inputs  # noqa: E402
 
 import repq_mm  # noqa: E402,F401
 from repq_mm import merge_model  # noqa: E402
-from repq_mm.mm import RepQModel, wrap_config  # noqa: E402
+from repq_mm.mm import RepQModel  # noqa: E402
+from repq_mm.mm.checkpoint import safe_load  # noqa: E402
+from repq_mm.mm.config import is_repq_model  # noqa: E402
 from repq_mm.mm.det import ELANNet, ELANPAN, EfficientRep, RepPAN  # noqa: E402
 from repq_mm.quant import QConv2d  # noqa: E402
 from repq_mm.rep import RepBlock  # noqa: E402
@@ -54,16 +59,15 @@ def _load_tool(path, name):
     return mod
 
 
-train_tool = _load_tool(osp.join(ROOT, 'tools', 'train.py'), 'repq_det_train')
 test_tool = _load_tool(osp.join(ROOT, 'tools', 'test.py'), 'repq_det_test')
 merge_tool = _load_tool(osp.join(ROOT, 'tools', 'merge_quant.py'), 'repq_det_merge')
 converter = _load_tool(osp.join(ROOT, 'tools', 'dataset_converters', 'deepforest_trees.py'),
                        'repq_det_trees')
 
 
-def _stock_test_py() -> str:
+def _stock_tool(name) -> str:
     import mmdet
-    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'test.py')
+    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', f'{name}.py')
     assert osp.isfile(path), path
     return path
 
@@ -243,14 +247,35 @@ def trees():
 # --------------------------------------------------------------------------------------
 # end to end through the Runner on real tiles
 # --------------------------------------------------------------------------------------
-def test_end_to_end_trees(trees, tmp_path):
+def test_end_to_end_trees(trees, tmp_path, monkeypatch):
+    # the stock mmdet tools/train.py (its main(), in this process) trains the shipped config
+    # as it is: 3 iterations
     work = tmp_path / 'qat'
     opts = ['train_cfg.max_epochs=3', 'train_cfg.val_interval=3',
             'default_hooks.checkpoint.interval=3']
-    runner = train_tool.main([CI_CFG, '--work-dir', str(work), '--cfg-options', *opts])
-    assert runner.iter == 3
+    stock_train = _load_tool(_stock_tool('train'), 'stock_mmdet_train')
+    monkeypatch.setattr(sys, 'argv', [_stock_tool('train'), CI_CFG, '--work-dir', str(work),
+                                      '--cfg-options', *opts])
+    stock_train.main()
+    log = ''.join(open(p).read() for p in glob.glob(str(work / '*' / '*.log')))
+    assert 'LSQ calibration on 1 batch(es)' in log
     ckpt = work / 'epoch_3.pth'
-    assert ckpt.is_file()
+    ck = safe_load(str(ckpt))
+    assert ck['meta']['iter'] == 3
+    # the checkpoint holds the quantizers of the RepQ model the config declares, every one
+    # initialised (LSQCalibHook; AdamW at lr 1e-5 for the steps keeps them positive), and
+    # the rep blocks' branches (RepQ keeps them)
+    cfg = Config.fromfile(CI_CFG)
+    init_default_scope('mmdet')
+    names = {k for k in DET_MODELS.build(cfg.model).state_dict()
+             if k.endswith(('quant.step', 'quant.initialized'))}
+    sd = ck['state_dict']
+    assert names == {k for k in sd if k.endswith(('quant.step', 'quant.initialized'))}
+    assert any('.w_quant.' in k for k in names) and any('.a_quant.' in k for k in names)
+    assert all(int(sd[k]) == 1 for k in names if k.endswith('initialized'))
+    assert all(torch.isfinite(sd[k]).all() and (sd[k] > 0).all()
+               for k in names if k.endswith('step'))
+    assert any('.branches.' in k for k in sd)
     # the QAT model through our tools/test.py (CocoMetric on 2 val tiles)
     qat_metrics = test_tool.main([CI_CFG, str(ckpt), '--work-dir', str(tmp_path / 'qtest'),
                                   '--cfg-options', *opts])
@@ -262,7 +287,7 @@ def test_end_to_end_trees(trees, tmp_path):
         assert (out / f).is_file()
     sd = torch.load(out / 'merged.pth', map_location='cpu', weights_only=True)['state_dict']
     assert not any('branches' in k for k in sd)
-    r = subprocess.run([PY, _stock_test_py(), str(out / 'deploy_config.py'),
+    r = subprocess.run([PY, _stock_tool('test'), str(out / 'deploy_config.py'),
                         str(out / 'merged.pth'), '--work-dir', str(tmp_path / 'stock')],
                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
@@ -337,16 +362,22 @@ def test_coco_config_step_and_merge(path):
     cfg = Config.fromfile(path)
     assert cfg.train_dataloader.dataset.type == 'CocoDataset'
     assert cfg.train_dataloader.dataset.data_root == 'data/coco/'
-    assert cfg.model.bbox_head.num_classes == 80
-    if cfg.get('repq'):
-        assert cfg.repq.init_checkpoint.endswith('epoch_300.pth')
-        cfg.repq.init_checkpoint = None        # no FP checkpoint here
-    wrap_config(cfg)
+    qat = '_fp_' not in osp.basename(path)
+    assert is_repq_model(cfg.model) == qat        # the config declares its model itself
+    arch = cfg.model.architecture if qat else cfg.model
+    assert arch.bbox_head.num_classes == 80
+    if qat:
+        assert cfg.model.init_checkpoint.endswith('epoch_300.pth')
+        assert [h['type'] for h in cfg.custom_hooks] == ['LSQCalibHook']
+        size = osp.basename(path).split('_')[0]
+        fp_cfg = Config.fromfile(osp.join(osp.dirname(path), f'{size}_fp_8xb32-300e_coco.py'))
+        assert arch == fp_cfg.model                  # the FP config's detector, wrapped
+        cfg.model.init_checkpoint = None             # no FP checkpoint here
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = DET_MODELS.build(cfg.model)
     # FP configs build the plain mmdet detector (multi-branch); RepQ ones the wrapper
-    assert isinstance(model, RepQModel) == bool(cfg.get('repq'))
+    assert isinstance(model, RepQModel) == qat
     model.init_weights()
     optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-3))
     model.train()
@@ -386,25 +417,35 @@ def test_tree_config_builds(path):
     run's last-stage data (no mosaic), without EMA."""
     from repq_mm.quant import LSQQuantizer
     cfg = Config.fromfile(path)
-    assert cfg.model.bbox_head.num_classes == 1
-    qat = bool(cfg.get('repq'))
+    name = osp.basename(path)
+    qat = not re.search(r'_fp(-mixup)?_trees', name)
+    assert is_repq_model(cfg.model) == qat        # the config declares its model itself
+    arch = cfg.model.architecture if qat else cfg.model
+    assert arch.bbox_head.num_classes == 1
     hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
     if qat:
-        cfg.repq.init_checkpoint = None
+        prefix = name.split('_')[0]
+        fp_cfg = Config.fromfile(osp.join(osp.dirname(path), f'{prefix}_fp_trees.py'))
+        assert arch == fp_cfg.model                  # the FP config's detector, wrapped
+        assert cfg.model.init_checkpoint == f'work_dirs/{prefix}_fp_trees/epoch_100.pth'
+        cfg.model.init_checkpoint = None
         assert 'EMAHook' not in hooks and 'PipelineSwitchHook' not in hooks
         assert 'CachedMosaic' not in [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
+        method = cfg.model.repq.method
+        assert hooks.count('LSQCalibHook') == (method != 'fp')
+        assert ('BNEstHook' in hooks) == ('_repq-bnest_' in name)
+        assert method == {'fp-ft': 'fp', 'lsq': 'lsq'}.get(name.split('_')[1], 'repq')
     else:
         assert {'EMAHook', 'PipelineSwitchHook'} <= set(hooks)
-    wrap_config(cfg)
     init_default_scope('mmdet')
     model = DET_MODELS.build(cfg.model)
     assert isinstance(model, RepQModel) == qat
-    if qat and cfg.repq.method == 'fp':       # the fine-tune control: no quantizer at all
+    if qat and cfg.model.repq.method == 'fp':   # the fine-tune control: no quantizer at all
         assert not any(isinstance(q, LSQQuantizer) for q in model.modules())
     elif qat:
         bits = {n.rsplit('.', 1)[0]: q.bits for n, q in model.named_modules()
                 if isinstance(q, LSQQuantizer) and n.endswith('w_quant')}
         outs = [n for n in bits if '.rtm_cls.' in n or '.rtm_reg.' in n]
         assert len(outs) == 6 and all(bits[n] == 8 for n in outs)
-        w = cfg.repq.w_bits
+        w = cfg.model.repq.w_bits
         assert sorted(set(bits.values())) == sorted({w, 8})

@@ -302,7 +302,7 @@ def test_export_tool_mmpretrain_classifier(tmp_path):
     cfg.write_text(f"""
 default_scope = 'mmpretrain'
 custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
-model = {ARCH!r}
+model = dict(type='RepQModel', architecture={ARCH!r}, repq={repq!r})
 data_preprocessor = {dp!r}
 test_pipeline = [dict(type='LoadImageFromFile', color_type='grayscale'),
                  dict(type='RandomCrop', crop_size=32, padding=2), dict(type='PackInputs')]
@@ -311,7 +311,6 @@ val_dataloader = dict(batch_size=3, num_workers=0,
                                    pipeline=test_pipeline),
                       sampler=dict(type='DefaultSampler', shuffle=False))
 test_dataloader = val_dataloader
-repq = {repq!r}
 """)
     out, fp32 = str(tmp_path / 'out' / 'q.onnx'), str(tmp_path / 'out' / 'fp32.onnx')
     merged = str(tmp_path / 'merged')

@@ -29,7 +29,7 @@ from mmengine.registry import MODELS, init_default_scope  # noqa: E402
 
 import repq_mm  # noqa: E402,F401
 from repq_mm.mm import (BNEstHook, LSQCalibHook, RepQModel, calibrate_lsq,  # noqa: E402
-                        check_repq_cfg, reestimate_bn, wrap_config)
+                        check_repq_cfg, reestimate_bn)
 from repq_mm.mm import hooks as repq_hooks  # noqa: E402
 from repq_mm.mm.checkpoint import SAFE_GLOBALS, safe_load  # noqa: E402
 from repq_mm.rep import RepBlock  # noqa: E402
@@ -89,7 +89,15 @@ def data_root(tmp_path_factory):
 
 def write_config(path, data_root, repq=None, custom_hooks=(), max_iters=4, ckpt_interval=2,
                  extra=''):
+    """A tiny classification config; with ``repq`` (settings, may hold ``init_checkpoint``)
+    its model is ``dict(type='RepQModel', architecture=ARCH, repq=..., init_checkpoint=...)``,
+    the form every tool builds. Hooks are only the given ones."""
     pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+    model = ARCH
+    if repq is not None:
+        repq = dict(repq)
+        model = dict(type='RepQModel', architecture=ARCH,
+                     init_checkpoint=repq.pop('init_checkpoint', None), repq=repq)
 
     def loader(split, shuffle, bs):
         return dict(batch_size=bs, num_workers=0,
@@ -100,7 +108,7 @@ def write_config(path, data_root, repq=None, custom_hooks=(), max_iters=4, ckpt_
     text = f"""
 default_scope = 'mmpretrain'
 custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
-model = {ARCH!r}
+model = {model!r}
 data_preprocessor = {DATA_PREPROCESSOR!r}
 train_dataloader = {loader('train', True, 8)!r}
 val_dataloader = {loader('val', False, 9)!r}
@@ -124,8 +132,6 @@ load_from = None
 resume = False
 randomness = dict(seed=0, deterministic=False)
 """
-    if repq is not None:
-        text += f'repq = {repq!r}\n'
     text += extra
     with open(path, 'w') as f:
         f.write(text)
@@ -176,20 +182,41 @@ def test_repq_cfg_validation():
         RepQModel(ARCH, repq=dict(bn_mod='est'))
 
 
-def test_wrap_config(tmp_path, data_root):
+def test_config_form(tmp_path, data_root):
+    """The RepQModel form: taken as it is, single keys changed by ``--cfg-options``; the old
+    top-level ``repq`` (in the file or as an option) and misspelled sections are refused by
+    mmengine's ``Config`` itself once repq_mm is imported (what the stock tools hit)."""
+    from repq_mm.mm import RepQConfigError
     path = write_config(tmp_path / 'c.py', data_root,
                         repq=dict(w_bits=4, a_bits=4, init_checkpoint='fp.pth'))
     cfg = Config.fromfile(path)
-    wrap_config(cfg)
-    assert cfg.model.type == 'RepQModel'
-    assert cfg.model.init_checkpoint == 'fp.pth' and 'init_checkpoint' not in cfg.model.repq
+    assert cfg.model.type == 'RepQModel' and cfg.model.init_checkpoint == 'fp.pth'
     assert cfg.model.architecture.type == 'ImageClassifier'
-    assert [h['type'] for h in cfg.custom_hooks] == ['LSQCalibHook']
+    cfg.merge_from_dict({'model.repq.w_bits': 8, 'model.init_checkpoint': None})
+    assert dict(cfg.model.repq) == dict(w_bits=8, a_bits=4) and cfg.model.init_checkpoint is None
     before = cfg.pretty_text
-    wrap_config(cfg)                              # idempotent
-    assert cfg.pretty_text == before
-    with pytest.raises(KeyError, match='w_bits'):
-        wrap_config(Config(dict(model=dict(type='ImageClassifier'), repq=dict(wbits=4))))
+    with pytest.raises(ValueError, match=r"top-level `repq` section beside its RepQModel.*"
+                       r"model\.repq\.w_bits=4"):
+        cfg.merge_from_dict({'repq.w_bits': 4})       # the old option spelling
+    assert cfg.pretty_text == before and 'repq' not in cfg     # a refused merge: no change
+    with pytest.raises(KeyError, match=r"'reqp' \(did you mean 'repq'\?\)"):
+        cfg.merge_from_dict({'model.reqp.w_bits': 4})
+    # the old form: a bare repq beside the plain model, refused when the file is read
+    bare = write_config(tmp_path / 'bare.py', data_root,
+                        extra="repq = dict(w_bits=4, a_bits=4, init_checkpoint='fp.pth')\n")
+    with pytest.raises(RepQConfigError) as e:
+        Config.fromfile(bare)
+    msg = str(e.value)
+    assert 'beside a plain ImageClassifier model' in msg and 'bare.py' in msg
+    assert "type='RepQModel'" in msg and 'architecture=_base_.model' in msg
+    assert "repq=dict(w_bits=4, a_bits=4)" in msg and "init_checkpoint='fp.pth'" in msg
+    assert isinstance(e.value, ValueError) and isinstance(e.value, KeyError)
+    misspelled = write_config(tmp_path / 'misspelled.py', data_root,
+                              extra='reqp = dict(w_bits=4)\n')
+    with pytest.raises(KeyError, match="'reqp' section: did you mean 'repq'"):
+        Config.fromfile(misspelled)
+    # a plain model without any repq-like section is left alone
+    assert Config.fromfile(write_config(tmp_path / 'fp.py', data_root)).model == ARCH
 
 
 def test_registry_scopes():
@@ -211,14 +238,26 @@ def test_registry_scopes():
     assert model.backbone is model.architecture.backbone
 
 
-def test_mmpretrain_base_config_builds(tmp_path):
+def _readme_config() -> str:
+    """The config example of the README's "Using RepQ from an OpenMMLab config"."""
+    with open(osp.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        text = f.read()
+    section = text.split('## Using RepQ from an OpenMMLab config', 1)[1]
+    return section.split('```python\n', 1)[1].split('```', 1)[0]
+
+
+def test_readme_config_example(tmp_path):
+    """The README's example (mmpretrain's RepVGG-A0 config wrapped in RepQModel) builds the
+    RepQ model it describes."""
+    text = _readme_config()
+    assert "type='RepQModel'" in text and 'architecture=_base_.model' in text
     path = tmp_path / 'repvgg_a0_repq.py'
-    path.write_text("_base_ = 'mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py'\n"
-                    "custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)\n"
-                    "repq = dict(w_bits=4, a_bits=4, bn_mode='est')\n")
+    path.write_text(text)
     cfg = Config.fromfile(str(path))
     assert cfg.default_scope == 'mmpretrain'
-    wrap_config(cfg)
+    assert [h['type'] for h in cfg.custom_hooks] == ['LSQCalibHook']
+    assert cfg.model.architecture.backbone.type == 'RepVGG'
+    cfg.merge_from_dict({'model.init_checkpoint': None})    # no download here
     model = _build(cfg.model)
     assert isinstance(model, RepQModel)
     blocks = [m for m in model.modules() if isinstance(m, RepBlock)]

@@ -7,7 +7,7 @@
 * a layer made sensitive on purpose (same float function, per-tensor range blown up) ranks
   first, where it ranked last before;
 * the tool end to end on a tiny mmpretrain RepVGG and generated PNGs: ranking computed and
-  deterministic, the budgets respected, the written configs (both config forms) build,
+  deterministic, the budgets respected, the written configs build,
   train two iterations through ``tools/train.py``, merge through ``tools/merge_quant.py``,
   and every layer has the chosen bit widths, down to the integer codes of the deploy model.
 """
@@ -238,9 +238,8 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
-def write_config(path, data_root, repq, form='repq'):
-    """A tiny RepVGG classifier config with the RepQ settings as a top-level ``repq``
-    (``form='repq'``) or as ``model=dict(type='RepQModel', ...)`` (``'model'``)."""
+def write_config(path, data_root, repq):
+    """A tiny RepVGG classifier config, its model ``dict(type='RepQModel', ...)``."""
     pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
 
     def loader(split, shuffle, bs):
@@ -249,13 +248,10 @@ def write_config(path, data_root, repq, form='repq'):
                                  pipeline=pipeline),
                     sampler=dict(type='DefaultSampler', shuffle=shuffle))
 
-    if form == 'repq':
-        model = f'model = {ARCH!r}\nrepq = {repq!r}\n'
-    else:
-        r = dict(repq)
-        init = r.pop('init_checkpoint', None)
-        model = (f'model = dict(type=\'RepQModel\', architecture={ARCH!r}, repq={r!r}, '
-                 f'init_checkpoint={init!r})\n')
+    r = dict(repq)
+    init = r.pop('init_checkpoint', None)
+    model = (f'model = dict(type=\'RepQModel\', architecture={ARCH!r}, repq={r!r}, '
+             f'init_checkpoint={init!r})\n')
     text = f"""
 default_scope = 'mmpretrain'
 custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
@@ -401,11 +397,14 @@ def test_tool_budgets(tools, analysed, data_root, fp_checkpoint):
     # the written config: inherits the given one, sets the bits, loads the float weights
     with open(top['config']) as f:
         text = f.read()
-    assert f"_base_ = [{osp.abspath(analysed['cfg'])!r}]" in text and '\nrepq = dict(' in text
-    assert top['form'] == 'repq' and top['layer_bits'] == {n: 8 for n in top['chosen']}
+    assert f"_base_ = [{osp.abspath(analysed['cfg'])!r}]" in text
+    assert '\nmodel = dict(\n    repq=dict(' in text and '\nrepq = dict' not in text
+    assert top['layer_bits'] == {n: 8 for n in top['chosen']}
     mixed = Config.fromfile(top['config'])
-    assert mixed.repq.w_bits == 3 and mixed.repq.a_bits == 4 and mixed.repq.first_bits == 8
-    assert mixed.repq.init_checkpoint == fp_checkpoint
+    assert mixed.model.type == 'RepQModel'
+    r = mixed.model.repq
+    assert r.w_bits == 3 and r.a_bits == 4 and r.first_bits == 8
+    assert mixed.model.init_checkpoint == fp_checkpoint
     # --from-json: another budget without measuring again; too small a budget: refused
     out = str(analysed['tmp'] / 'c')
     js = osp.join(analysed['out'], 'sensitivity.json')
@@ -457,8 +456,7 @@ def test_mixed_config_trains_and_merges(tools, analysed, capsys):
 
 def test_model_form_and_qat_checkpoint(tools, data_root, fp_checkpoint, tmp_path, capsys):
     from mmengine.config import Config
-    cfg = write_config(tmp_path / 'form.py', data_root, dict(REPQ, init_checkpoint=None),
-                       form='model')
+    cfg = write_config(tmp_path / 'form.py', data_root, dict(REPQ, init_checkpoint=None))
     out = str(tmp_path / 'o')
     assert tools['sens'].main([cfg, fp_checkpoint, '--num-batches', '1',
                                '--budget-high-layers', '1', '--out-dir', out]) == 0
@@ -467,14 +465,15 @@ def test_model_form_and_qat_checkpoint(tools, data_root, fp_checkpoint, tmp_path
     (b,) = res['budgets']
     with open(b['config']) as f:
         text = f.read()
-    assert b['form'] == 'model.repq' and '\nmodel = dict(\n    repq=dict(' in text
+    assert '\nmodel = dict(\n    repq=dict(' in text
     assert '\nrepq = dict' not in text
     mixed = Config.fromfile(b['config'])
     assert mixed.model.type == 'RepQModel' and mixed.model.repq.w_bits == 4
     assert mixed.model.init_checkpoint == fp_checkpoint
     assert dict(mixed.model.repq.layer_bits) == {n: 8 for n in b['chosen']}
     # a QAT checkpoint at W8A8 everywhere: analysed as trained
-    w8 = ['repq.w_bits=8', 'repq.a_bits=8', f'repq.init_checkpoint={fp_checkpoint}']
+    w8 = ['model.repq.w_bits=8', 'model.repq.a_bits=8',
+          f'model.init_checkpoint={fp_checkpoint}']
     cfg8 = write_config(tmp_path / 'w8a8.py', data_root, REPQ)
     wd = str(tmp_path / 'wd8')
     tools['train'].main([cfg8, '--work-dir', wd, '--no-pin-memory', '--no-persistent-workers',
@@ -498,7 +497,9 @@ def test_model_form_and_qat_checkpoint(tools, data_root, fp_checkpoint, tmp_path
         assert f'init_checkpoint={fp_checkpoint!r}' in f.read()
     # a float config (no repq) is refused, naming why
     plain = tmp_path / 'fp.py'
-    plain.write_text(open(cfg8).read().replace('repq = ', 'unused = '))
+    text = open(cfg8).read()
+    model_line = next(ln for ln in text.splitlines() if ln.startswith('model = '))
+    plain.write_text(text.replace(model_line, f'model = {ARCH!r}'))
     capsys.readouterr()
     assert tools['sens'].main([str(plain), fp_checkpoint, '--out-dir', str(tmp_path / 'x')]) == 1
     assert 'not a quantized config' in capsys.readouterr().err

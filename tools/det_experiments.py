@@ -108,8 +108,8 @@ def run_ptq(args, bits, fp_ckpt, opts):
         print(f'  PTQ W{bits}A{bits}: reusing {wd}')
         return res
     out = run([sys.executable, 'tools/test.py', cfg, 'none', '--work-dir', wd,
-               '--cfg-options', 'repq.method=ptq', f'repq.init_checkpoint={fp_ckpt}', *opts,
-               *lsq_impl_opts(args)],
+               '--cfg-options', 'model.repq.method=ptq', f'model.init_checkpoint={fp_ckpt}',
+               *opts, *lsq_impl_opts(args)],
               osp.join(wd, 'test.log'), f'PTQ W{bits}A{bits}: calibrate + test', args.threads)
     os.makedirs(wd, exist_ok=True)
     return save(wd, bbox_map(out, f'PTQ W{bits}A{bits}'))
@@ -125,7 +125,7 @@ def run_quant(args, method, bits, fp_ckpt, opts):
         print(f'  {name}: reusing {wd}')
         return res
     py = sys.executable
-    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={args.seed}', *opts,
+    common = [f'model.init_checkpoint={fp_ckpt}', f'randomness.seed={args.seed}', *opts,
               *lsq_impl_opts(args)]
     label = 'FP fine-tune' if method == 'fp-ft' else f'{LABELS[method]} W{bits}A{bits}'
     out = run([py, 'tools/train.py', cfg, '--work-dir', wd, '--cfg-options', *common],
@@ -164,7 +164,7 @@ def timing(args):
     for method, bits in jobs:
         name, cfg = config(args, method, bits)
         wd = osp.join(args.work_root, 'timing', name)
-        extra = [] if method == 'fp' else ['repq.init_checkpoint=None']
+        extra = [] if method == 'fp' else ['model.init_checkpoint=None']
         out = run([sys.executable, 'tools/train.py', cfg, '--work-dir', wd, '--no-validate',
                    '--cfg-options', *opts, *extra], osp.join(wd, 'train.log'),
                   f'timing {name}', args.threads)

@@ -13,15 +13,15 @@ PROGRESS_RE = re.compile(r'(Epoch|Iter)\((train|val|test)\)\s*\[(.*?)\]\s*\[(\d+
 
 
 def add_lsq_impl_arg(ap) -> None:
-    """``--lsq-impl``: the LSQ implementation of the quantized runs (``repq.impl``)."""
+    """``--lsq-impl``: the LSQ implementation of the quantized runs (``model.repq.impl``)."""
     ap.add_argument('--lsq-impl', choices=['fast', 'fused', 'reference'],
                     help="LSQ implementation of the quantized runs (default: the repq default, "
                          "'fast'; the README's tables used 'fused')")
 
 
 def lsq_impl_opts(args) -> list:
-    """``repq.impl=...`` cfg option for the quantized runs when ``--lsq-impl`` is given."""
-    return [f'repq.impl={args.lsq_impl}'] if args.lsq_impl else []
+    """``model.repq.impl=...`` cfg option for the quantized runs when ``--lsq-impl`` is given."""
+    return [f'model.repq.impl={args.lsq_impl}'] if args.lsq_impl else []
 
 
 def stock_test_tool(package: str) -> str:

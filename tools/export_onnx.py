@@ -28,7 +28,7 @@ from repq_mm.mm import cli  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Export a RepQ model as an integer ONNX model')
-    p.add_argument('config', help='QAT config (`repq` dict) or a deploy_config.py')
+    p.add_argument('config', help='QAT config (model type RepQModel) or a deploy_config.py')
     p.add_argument('checkpoint', help='QAT checkpoint, or merged.pth of a deploy config')
     p.add_argument('out', help='output .onnx file')
     p.add_argument('--input-shape', type=int, nargs=4, metavar=('N', 'C', 'H', 'W'),

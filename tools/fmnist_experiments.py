@@ -70,7 +70,7 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
         return res
     py = sys.executable
     cfg = osp.join(CFG_DIR, name + '.py')
-    common = [f'repq.init_checkpoint={fp_ckpt}', f'randomness.seed={seed}', *opts,
+    common = [f'model.init_checkpoint={fp_ckpt}', f'randomness.seed={seed}', *opts,
               *lsq_impl_opts(args)]
     label = f'{LABELS[method]} W{bits}A{bits} (seed {seed})'
     if method == 'ptq':  # calibrate + evaluate, no training

@@ -23,7 +23,7 @@ from repq_mm.mm.deploy import MergeError, merge_checkpoint  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Merge a RepQ QAT checkpoint for deployment')
-    parser.add_argument('config', help='the QAT config (a `repq` dict or a RepQModel)')
+    parser.add_argument('config', help='the QAT config (model type RepQModel)')
     parser.add_argument('checkpoint', help='the QAT checkpoint')
     parser.add_argument('out_dir', help='output folder')
     parser.add_argument('--overwrite', action='store_true',
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         cfg = Config.fromfile(args.config)
         if args.cfg_options is not None:
             cfg.merge_from_dict(args.cfg_options)
-        cli.prepare_cfg(cfg)       # a bad `repq` section: KeyError / ValueError naming it
+        cli.prepare_cfg(cfg)       # a bad config: KeyError / ValueError naming the problem
         res = merge_checkpoint(cfg, args.checkpoint, args.out_dir, overwrite=args.overwrite,
                                check_batches=args.check_batches, tol=args.tol)
     except (MergeError, KeyError, ValueError) as e:

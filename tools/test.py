@@ -1,9 +1,11 @@
-"""Test (and evaluate) a (RepQ) model: mmpretrain's ``tools/test.py`` plus ``repq_mm``.
+"""Test (and evaluate) a (RepQ) model: mmpretrain's ``tools/test.py`` (same flags) plus
+conveniences.
 
-A config with a top-level ``repq`` dict is wrapped into ``RepQModel`` (see
-``repq_mm.mm.wrap_config``); ``repq_mm`` is added to ``custom_imports`` when missing.
-``CHECKPOINT`` may be ``none`` to evaluate the model as built (e.g. PTQ: ``repq.method='ptq'``
-with ``repq.init_checkpoint``; ``LSQCalibHook`` calibrates before testing).
+The config is taken as it is (a RepQ config declares ``model = dict(type='RepQModel', ...)``
+itself), so mmpretrain's / mmdet's own ``tools/test.py`` evaluate the same model from it.
+What this one adds: ``CHECKPOINT`` may be ``none`` to evaluate the model as built (e.g. PTQ:
+``--cfg-options model.repq.method=ptq model.init_checkpoint=fp.pth``; ``LSQCalibHook``
+calibrates before testing), ``repq_mm`` in ``custom_imports`` when missing, a default scope.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE] ...
 """
@@ -66,8 +68,7 @@ def parse_args(argv=None):
 
 
 def merge_args(cfg, args):
-    """Merge CLI arguments to config (as mmpretrain 1.2.0 does). ``--cfg-options`` are
-    merged first, so they can change the ``repq`` dict before the model is wrapped."""
+    """Merge CLI arguments to config (as mmpretrain 1.2.0 does)."""
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     cfg = _common.prepare_cfg(cfg)

@@ -1,7 +1,11 @@
-"""Train a (RepQ) model: mmpretrain's ``tools/train.py`` plus ``repq_mm``.
+"""Train a (RepQ) model: mmpretrain's ``tools/train.py`` (same flags) plus conveniences.
 
-A config with a top-level ``repq`` dict is wrapped into ``RepQModel`` (see
-``repq_mm.mm.wrap_config``); ``repq_mm`` is added to ``custom_imports`` when missing.
+The config is taken as it is (a RepQ config declares ``model = dict(type='RepQModel', ...)``
+itself), so mmpretrain's / mmdet's own ``tools/train.py`` train the same model from it. What
+this one adds: distributed training on CPU ranks (gloo, ``CPUCompatibleDDP``, see
+``repq_mm.mm.ddp``), ``repq_mm`` in ``custom_imports`` when missing, a default scope, and
+``persistent_workers`` switched off with ``num_workers=0`` (see ``repq_mm.mm.cli``), and
+``--amp`` on a machine without a GPU (``CPUAmpOptimWrapper``, bfloat16 autocast).
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [auto|CKPT]] [--amp] ...
 """
@@ -71,8 +75,9 @@ def merge_args(cfg, args):
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
 
-    if args.amp is True:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    if args.amp is True:      # mmengine's AmpOptimWrapper; CPUAmpOptimWrapper without a GPU
+        from repq_mm.mm.amp import amp_optim_wrapper_type
+        cfg.optim_wrapper.type = amp_optim_wrapper_type()
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
 
     if args.resume == 'auto':

@@ -1,5 +1,5 @@
 # Quantization-aware fine-tuning on COCO from a full-precision checkpoint
-# (repq.init_checkpoint): 20 epochs, AdamW 1e-4 (total batch 256; half the FP run's final
+# (model.init_checkpoint): 20 epochs, AdamW 1e-4 (total batch 256; half the FP run's final
 # lr) with cosine decay, LSQ step sizes at lr_mult 0.1 (AdamW ignores LSQ's gradient scale)
 # -- the rule found on the tree tiles (configs/_base_/det_trees_qat.py), not tuned on COCO.
 _base_ = ['./det_coco_640.py']

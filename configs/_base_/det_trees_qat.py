@@ -1,7 +1,7 @@
 _base_ = ['./det_trees.py']
 
 # Quantization-aware fine-tuning on the tree tiles, shared by the LSQ baseline and RepQ:
-# starts from the full-precision checkpoint (repq.init_checkpoint), 30 epochs (270
+# starts from the full-precision checkpoint (model.init_checkpoint), 30 epochs (270
 # iterations), AdamW 1e-4 (half the FP run's final lr) with cosine decay, no warm-up
 # (LSQCalibHook initialises the step sizes from 4 training batches before the first step).
 # The LSQ step sizes get lr_mult 0.1: AdamW normalises the gradient, so LSQ's gradient scale

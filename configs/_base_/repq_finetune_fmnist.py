@@ -1,6 +1,17 @@
-# Quantization-aware fine-tuning schedule shared by the LSQ baseline and RepQ
-# (starts from the full-precision checkpoint given as repq.init_checkpoint).
+# Quantization-aware fine-tuning shared by the LSQ baseline, PTQ and RepQ: the FP RepVGG
+# classifier wrapped in RepQModel (the leaf configs set `model.repq`), started from the
+# full-precision checkpoint (--cfg-options model.init_checkpoint=...), LSQ step sizes
+# initialised from 4 training batches (LSQCalibHook).
 _base_ = ['../repvgg_fmnist/repvgg-A0w16_fp_fmnist.py']
+
+model = dict(
+    _delete_=True,                 # replace the FP model, do not merge into it
+    type='RepQModel',
+    architecture=_base_.model,     # the FP RepVGG classifier
+    repq=dict(),                   # method / bits: the leaf configs
+    init_checkpoint=None,          # the FP checkpoint: --cfg-options model.init_checkpoint=...
+)
+custom_hooks = [dict(type='LSQCalibHook')]
 
 qat_epochs = 1
 optim_wrapper = dict(

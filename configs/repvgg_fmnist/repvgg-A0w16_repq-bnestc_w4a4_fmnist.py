@@ -3,9 +3,7 @@
 # turned into a per-channel correction (variance ratio, mean shift) for the steps between.
 _base_ = ['../_base_/repq_finetune_fmnist.py']
 
-repq = dict(
+model = dict(repq=dict(
     method='repq', w_bits=4, a_bits=4, bn_mode='est', est_refresh=8, per_channel=True, init='mse',
-    first_bits=8, last_bits=8,     # LSQ recipe: first and last layer at 8 bits
-    init_checkpoint=None,          # the FP checkpoint: --cfg-options repq.init_checkpoint=...
-)
-custom_hooks = [dict(type='BNEstHook', reestimate_batches=50)]
+    first_bits=8, last_bits=8))   # LSQ recipe: first and last layer at 8 bits
+custom_hooks = [dict(type='LSQCalibHook'), dict(type='BNEstHook', reestimate_batches=50)]

@@ -1,9 +1,19 @@
 # Quantization-aware fine-tuning of mmpretrain's RepVGG-A0 from its released FP checkpoint
-# (ImageNet-1k, 8 GPUs x 32 images). Leaf configs only set the `repq` dict.
+# (ImageNet-1k, 8 GPUs x 32 images): mmpretrain's classifier wrapped in RepQModel; leaf
+# configs set `model.repq`.
 _base_ = 'mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py'
 custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
 
 fp_checkpoint = 'https://download.openmmlab.com/mmclassification/v0/repvgg/repvgg-A0_8xb32_in1k_20221213-60ae8e23.pth'
+model = dict(
+    _delete_=True,                 # replace mmpretrain's model, do not merge into it
+    type='RepQModel',
+    architecture=_base_.model,     # mmpretrain's RepVGG classifier
+    repq=dict(),                   # method / bits: the leaf configs
+    init_checkpoint=fp_checkpoint,
+)
+custom_hooks = [dict(type='LSQCalibHook')]   # LSQ step sizes from 4 training batches
+
 qat_epochs = 20
 optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4),

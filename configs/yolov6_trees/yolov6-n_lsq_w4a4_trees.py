@@ -1,7 +1,7 @@
 # The paper's LSQ baseline, W4A4: merge the trained rep blocks, then LSQ QAT of the
 # single-branch detector.
 _base_ = './yolov6-n_qat-base_trees.py'
-repq = dict(method='lsq', w_bits=4, a_bits=4, per_channel=True, init='mse',
-            first_bits=8,      # the stem conv and the per-level output convs at 8 bits
-            layer_bits={'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8},
-            init_checkpoint={{_base_.fp_checkpoint}})
+model = dict(repq=dict(
+    method='lsq', w_bits=4, a_bits=4, per_channel=True, init='mse',
+    first_bits=8,      # the stem conv and the per-level output convs at 8 bits
+    layer_bits={'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8}))

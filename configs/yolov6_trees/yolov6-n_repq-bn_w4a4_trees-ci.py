@@ -4,10 +4,11 @@
 _base_ = './yolov6-n_repq-bn_w4a4_trees.py'
 img_scale = (128, 128)
 model = dict(
-    backbone=dict(widen_factor=0.125),
-    neck=dict(in_channels=[32, 64, 128], widen_factor=0.125, out_channels=32),
-    bbox_head=dict(in_channels=32, feat_channels=32, stacked_convs=1))
-repq = dict(init_checkpoint=None)
+    architecture=dict(
+        backbone=dict(widen_factor=0.125),
+        neck=dict(in_channels=[32, 64, 128], widen_factor=0.125, out_channels=32),
+        bbox_head=dict(in_channels=32, feat_channels=32, stacked_convs=1)),
+    init_checkpoint=None)
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True),

@@ -3,4 +3,5 @@
 # quantization (`method='fp'`: the multi-branch detector as it is). What the quantized
 # models are compared with, beside the FP checkpoint itself.
 _base_ = './yolov7-tiny_qat-base_trees.py'
-repq = dict(method='fp', init_checkpoint={{_base_.fp_checkpoint}})
+model = dict(repq=dict(method='fp'))
+custom_hooks = []                # nothing to calibrate

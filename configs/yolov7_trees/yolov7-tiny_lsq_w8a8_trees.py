@@ -1,5 +1,5 @@
 # The paper's LSQ baseline, W8A8: merge the RepConvs, then LSQ QAT.
 _base_ = './yolov7-tiny_qat-base_trees.py'
-repq = dict(method='lsq', w_bits=8, a_bits=8, per_channel=True, init='mse',
-            first_bits=8, layer_bits={'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8},
-            init_checkpoint={{_base_.fp_checkpoint}})
+model = dict(repq=dict(
+    method='lsq', w_bits=8, a_bits=8, per_channel=True, init='mse',
+    first_bits=8, layer_bits={'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8}))

@@ -1,6 +1,6 @@
 # RepQ-BN, W8A8: the RepConv outputs keep their three branches; their merged kernel is
 # quantized; every other conv / linear gets LSQ.
 _base_ = './yolov7-tiny_qat-base_trees.py'
-repq = dict(method='repq', bn_mode='exact', w_bits=8, a_bits=8, per_channel=True, init='mse',
-            first_bits=8, layer_bits={'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8},
-            init_checkpoint={{_base_.fp_checkpoint}})
+model = dict(repq=dict(
+    method='repq', bn_mode='exact', w_bits=8, a_bits=8, per_channel=True, init='mse',
+    first_bits=8, layer_bits={'bbox_head.rtm_cls': 8, 'bbox_head.rtm_reg': 8}))

@@ -12,7 +12,10 @@
 * ``torch.load(weights_only=True)`` allowlist for mmengine checkpoints
   (:mod:`repq_mm.mm.checkpoint`).
 
-A config needs only ``custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)``.
+A config needs only ``custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)``
+and its model declared as ``dict(type='RepQModel', architecture=..., repq=...)``.
+Importing this package also makes mmengine's ``Config`` refuse the old form, a top-level
+``repq`` dict beside a plain model, under every tool (:mod:`.config`).
 """
 from mmengine.registry import MODELS
 
@@ -20,10 +23,11 @@ from ..quant import QConv2d, QLinear
 from ..rep import REP_BLOCKS
 from .amp import CPUAmpOptimWrapper, amp_optim_wrapper_type
 from .checkpoint import SAFE_GLOBALS, register_safe_globals, safe_load, state_dict_of
+from .config import RepQConfigError, check_config, install_config_check
 from .ddp import CPUCompatibleDDP, setup_cpu_distributed
 from .hooks import (BNEstHook, LSQCalibHook, calibrate_lsq, reestimate_bn, set_bn_mode,
                     step_stats)
-from .model import REPQ_DEFAULTS, RepQModel, check_repq_cfg, wrap_config
+from .model import REPQ_DEFAULTS, RepQModel, check_repq_cfg
 from .nonfinite import NonFiniteCheckHook, first_nonfinite
 
 
@@ -35,6 +39,7 @@ def _register_modules() -> None:
 
 register_safe_globals()
 _register_modules()
+install_config_check()
 
 # detection parts (mmdet's MODELS), only where mmdet is installed and importable
 try:
@@ -44,8 +49,8 @@ except (ImportError, AssertionError):   # not installed / mmcv version it refuse
 else:
     from . import det  # noqa: F401
 
-__all__ = ['CPUAmpOptimWrapper', 'amp_optim_wrapper_type', 'RepQModel', 'wrap_config', 'check_repq_cfg', 'REPQ_DEFAULTS', 'LSQCalibHook',
-           'BNEstHook', 'calibrate_lsq', 'reestimate_bn', 'set_bn_mode', 'step_stats',
-           'SAFE_GLOBALS', 'register_safe_globals', 'safe_load', 'state_dict_of',
-           'CPUCompatibleDDP', 'setup_cpu_distributed', 'NonFiniteCheckHook',
-           'first_nonfinite']
+__all__ = ['CPUAmpOptimWrapper', 'amp_optim_wrapper_type', 'RepQModel', 'check_repq_cfg', 'REPQ_DEFAULTS', 'check_config', 'RepQConfigError',
+           'install_config_check', 'LSQCalibHook', 'BNEstHook', 'calibrate_lsq',
+           'reestimate_bn', 'set_bn_mode', 'step_stats', 'SAFE_GLOBALS',
+           'register_safe_globals', 'safe_load', 'state_dict_of', 'CPUCompatibleDDP',
+           'setup_cpu_distributed', 'NonFiniteCheckHook', 'first_nonfinite']

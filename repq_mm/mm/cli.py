@@ -1,5 +1,11 @@
 """Helpers shared by the command-line tools (``tools/train.py``, ``tools/test.py``,
-``tools/merge_quant.py``)."""
+``tools/merge_quant.py``, ``tools/export_onnx.py``).
+
+The tools take a config as it is: the model is what the config declares (a RepQ config
+declares ``model = dict(type='RepQModel', ...)`` itself, see :mod:`repq_mm.mm.config`), so
+mmpretrain's / mmdet's own tools build the same model from it. What :func:`prepare_cfg`
+adds is only what makes the run and its dumped config self-contained.
+"""
 from __future__ import annotations
 
 import os
@@ -28,10 +34,13 @@ def set_default_scope(cfg) -> None:
 
 
 def prepare_cfg(cfg):
-    """Every tool: import repq_mm, wrap a ``repq`` config into ``RepQModel``, default scope."""
-    from .model import wrap_config
+    """Every tool, after ``--cfg-options`` are merged: ``repq_mm`` in ``custom_imports`` (so
+    the config the Runner dumps works with the stock tools too), :func:`~repq_mm.mm.config.
+    check_config` (which mmengine's ``Config`` also runs by itself once repq_mm is
+    imported), default scope. Nothing else of the config changes. Returns ``cfg``."""
+    from .config import check_config
     add_repq_import(cfg)
-    wrap_config(cfg)
+    check_config(cfg)
     set_default_scope(cfg)
     return cfg
 

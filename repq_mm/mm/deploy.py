@@ -166,8 +166,8 @@ def _dataloader(cfg):
 
 def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool = False,
                      check_batches: int = 1, tol: float = 1e-4) -> dict:
-    """Merge a QAT checkpoint of ``cfg`` (already passed through
-    :func:`~repq_mm.mm.wrap_config`) into a deploy checkpoint under ``out_dir``.
+    """Merge a QAT checkpoint of ``cfg`` (a config whose model is a ``RepQModel``) into a
+    deploy checkpoint under ``out_dir``.
 
     Raises :class:`MergeError` when the output folder holds another model (and not
     ``overwrite``), or when the merged model disagrees with the QAT model beyond ``tol``
@@ -175,8 +175,8 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     """
     model_cfg = cfg.get('model', None)
     if model_cfg is None or str(model_cfg.get('type', '')).split('.')[-1] != 'RepQModel':
-        raise MergeError('the config does not describe a RepQ model: give it a top-level '
-                         '`repq` dict (or model type RepQModel)')
+        raise MergeError('the config does not describe a RepQ model: its model must be '
+                         "dict(type='RepQModel', architecture=..., repq=...)")
     repq = model_cfg.get('repq', None) or {}
     # plain containers only (nested ConfigDicts, e.g. layer_bits, are not weights-only safe)
     repq = repq.to_dict() if hasattr(repq, 'to_dict') else copy.deepcopy(dict(repq))
@@ -240,7 +240,6 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
 
     out_cfg = Config(copy.deepcopy(cfg.to_dict()))
     out_cfg.model = deploy_model_cfg
-    out_cfg.pop('repq', None)
     out_cfg.load_from = osp.join(out_dir, 'merged.pth')
     out_cfg.resume = False
 

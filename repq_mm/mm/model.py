@@ -1,15 +1,13 @@
 """``RepQModel``: any OpenMMLab model (an mmpretrain classifier, an mmdet detector) turned
-into a RepQ / LSQ / PTQ / deploy model, and :func:`wrap_config`, which makes a config with a
-top-level ``repq`` dict use it.
+into a RepQ / LSQ / PTQ / deploy model.
 
-Example config (mmpretrain)::
+Example config (mmpretrain; the form every tool builds, see :mod:`repq_mm.mm.config`)::
 
     _base_ = 'mmpretrain::repvgg/repvgg-A0_8xb32_in1k.py'
     custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
-    repq = dict(w_bits=4, a_bits=4, bn_mode='est', init_checkpoint='fp.pth')
-
-``tools/train.py`` / ``tools/test.py`` call :func:`wrap_config`, which rewrites ``model`` to
-``dict(type='RepQModel', architecture=<the original model>, repq=..., init_checkpoint=...)``.
+    model = dict(_delete_=True, type='RepQModel', architecture=_base_.model,
+                 repq=dict(w_bits=4, a_bits=4, bn_mode='est'), init_checkpoint='fp.pth')
+    custom_hooks = [dict(type='LSQCalibHook')]
 """
 from __future__ import annotations
 
@@ -269,63 +267,3 @@ class RepQModel(BaseModel):
 
     def extra_repr(self) -> str:
         return f'repq={self.repq_cfg}'
-
-
-_FOREIGN_NAMES = ('branch_3x3', 'branch_1x1', 'branch_norm', 'branch_conv_list',
-                  'branch_scale', 'rbr_dense', 'rbr_1x1', 'rbr_identity')
-
-
-def _warn_renamed_param_keys(cfg) -> None:
-    """Conversion renames rep-block modules (``branch_3x3.norm`` -> ``branches.0.0.bn``), so
-    ``paramwise_cfg.custom_keys`` written for the original names silently stop matching."""
-    ow = cfg.get('optim_wrapper', None) or {}
-    keys = ((ow.get('paramwise_cfg', None) or {}).get('custom_keys', None) or {})
-    stale = [k for k in keys if any(n in k for n in _FOREIGN_NAMES)]
-    if stale and (cfg.get('repq', None) or {}).get('method', 'repq') != 'fp':
-        print_log(f'optim_wrapper.paramwise_cfg.custom_keys {stale} name modules of the '
-                  'original rep blocks, which RepQ conversion replaces (their BNs become '
-                  '`branches.<i>.0.bn`): these keys match nothing in the RepQ model. Use e.g. '
-                  'norm_decay_mult=0.0 or keys on the new names.', logger='current',
-                  level=logging.WARNING)
-
-
-def _check_section_name(cfg) -> None:
-    """A config without ``repq`` but with a dict-valued top-level key spelled almost like it
-    (``reqp``, ``rep_q``) would silently train in full precision: refuse it."""
-    keys = [k for k in cfg.keys() if isinstance(cfg.get(k), dict)]
-    close = difflib.get_close_matches('repq', keys, n=1, cutoff=0.75)
-    if close:
-        raise KeyError(f'the config has no `repq` section but a top-level {close[0]!r}: did '
-                       "you mean 'repq'? (without it the model is not quantized)")
-
-
-def wrap_config(cfg, add_calib_hook: bool = True):
-    """Make a config with a top-level ``repq`` dict use :class:`RepQModel` (in place).
-
-    ``cfg.model`` becomes ``dict(type='RepQModel', architecture=<old model>, repq=<repq
-    without init_checkpoint>, init_checkpoint=<repq.init_checkpoint>)``. Nothing happens
-    when there is no ``repq`` or the model already is a ``RepQModel``. With
-    ``add_calib_hook``, an ``LSQCalibHook`` is added to ``custom_hooks`` for quantized,
-    non-deploy methods unless the config already has one. Returns ``cfg``.
-    """
-    repq = cfg.get('repq', None)
-    model = cfg.get('model', None)
-    if repq is None:
-        _check_section_name(cfg)
-        return cfg
-    if model is None:
-        raise KeyError('the config has a `repq` section but no `model` to apply it to')
-    if str(model.get('type', '')).split('.')[-1] == 'RepQModel':
-        return cfg
-    repq = copy.deepcopy(dict(repq))
-    init_checkpoint = repq.pop('init_checkpoint', None)
-    checked = check_repq_cfg(repq)     # fail early, with the config's own key names
-    _warn_renamed_param_keys(cfg)
-    cfg.model = dict(type='RepQModel', architecture=model, repq=repq,
-                     init_checkpoint=init_checkpoint)
-    if add_calib_hook and checked['method'] != 'fp' and not checked['deploy']:
-        hooks = list(cfg.get('custom_hooks', None) or [])
-        if not any(str(h.get('type', '')).split('.')[-1] == 'LSQCalibHook' for h in hooks):
-            hooks.append(dict(type='LSQCalibHook'))
-            cfg.custom_hooks = hooks
-    return cfg

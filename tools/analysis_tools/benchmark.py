@@ -197,10 +197,11 @@ def build_model(args) -> tuple[nn.Module | None, str]:
             import repq_mm.mm  # noqa: F401  (registers the YOLO-style backbones / necks)
         except Exception as e:  # noqa: BLE001 - any failure means "not usable"
             return None, f'{spec}: mmdet is not importable ({type(e).__name__}: {e}); skipped'
+        from repq_mm.mm.config import is_repq_model
         cfg = Config.fromfile(path)
-        if cfg.get('repq'):
+        if is_repq_model(cfg.model):
             raise SystemExit(f'--model {spec}: give the full-precision config (this one has a '
-                             '`repq` dict); the variants are made here')
+                             'RepQModel); the variants are made here')
         init_default_scope('mmdet')
         model = DET_MODELS.build(cfg.model)
         return (_MMWrapper(model, 'detector'),

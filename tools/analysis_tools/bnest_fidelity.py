@@ -6,7 +6,8 @@ from the exact ones on real feature maps.
         [--split val|train] [--out work_dirs/bnest_fidelity.md] [--cfg-options k=v ...]
 
 CONFIG/CHECKPOINT: a full-precision config (the model is converted with
-``convert_to_repq(quantize=False)``) or a RepQ config (``repq`` dict) with its QAT checkpoint.
+``convert_to_repq(quantize=False)``) or a RepQ config (model type ``RepQModel``) with its QAT
+checkpoint.
 For every BN: ``mean_err`` = mean over channels of |mu_est - mu| / sigma and ``var_err`` =
 mean over channels of |V_est - V| / V, averaged over the batches (input of each block as it
 occurs in the network in eval mode).
@@ -26,16 +27,15 @@ from mmengine.runner import Runner  # noqa: E402
 
 import repq_mm  # noqa: E402
 from repq_mm.mm.checkpoint import safe_load, state_dict_of  # noqa: E402
-from repq_mm.mm.model import wrap_config  # noqa: E402
+from repq_mm.mm.config import is_repq_model  # noqa: E402
 from repq_mm.rep import RepBlock  # noqa: E402
 from repq_mm.rep.fidelity import bnest_errors  # noqa: E402
 
 
 def build(cfg, checkpoint):
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    if 'repq' in cfg:
-        cfg.repq.init_checkpoint = None
-        wrap_config(cfg, add_calib_hook=False)
+    if is_repq_model(cfg.model):
+        cfg.model.init_checkpoint = None       # the weights come from the QAT checkpoint
         model = MODELS.build(cfg.model)
         model.load_state_dict(state_dict_of(safe_load(checkpoint)), strict=True)
     else:

@@ -7,7 +7,7 @@
         [--budget-bytes B ...] [--budget-like w4a4 ...] [--budget-high-layers K ...]
         [--out-dir DIR] [--from-json FILE] [--device cpu] [--cfg-options k=v ...]
 
-CONFIG is a quantized config (a top-level ``repq`` dict, or ``model.type='RepQModel'``);
+CONFIG is a quantized config (``model = dict(type='RepQModel', ...)``);
 its ``method`` (repq / lsq / ptq), granularity, ``init`` rule, ``first_bits`` /
 ``last_bits`` / ``layer_bits`` are used, its bit widths are not. CHECKPOINT is either
 
@@ -107,17 +107,16 @@ class SensitivityError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------
-# the config forms (the only place that knows them)
+# the config form (the only place that knows it)
 # --------------------------------------------------------------------------------------
 def repq_section(cfg) -> tuple[dict, dict, str | None]:
     """``(model_cfg, repq, init_checkpoint)`` of a config already passed through
-    ``cli.prepare_cfg`` (a top-level ``repq`` is wrapped into ``RepQModel`` there, so both
-    forms read the same). ``repq`` is a plain dict without ``init_checkpoint``."""
+    ``cli.prepare_cfg``. ``repq`` is a plain dict without ``init_checkpoint``."""
     model = cfg.get('model', None)
     if model is None or str(model.get('type', '')).split('.')[-1] != 'RepQModel':
         raise SensitivityError(
-            'CONFIG is not a quantized config: give one with a `repq` dict or '
-            "model.type='RepQModel' (e.g. configs/repvgg_fmnist/"
+            "CONFIG is not a quantized config: give one whose model is "
+            "dict(type='RepQModel', ...) (e.g. configs/repvgg_fmnist/"
             'repvgg-A0w16_repq-bn_w4a4_fmnist.py); its method and first/last/layer_bits are '
             'used, the bit widths come from --low-bits / --high-bits')
     repq = model.get('repq', None) or {}
@@ -127,35 +126,24 @@ def repq_section(cfg) -> tuple[dict, dict, str | None]:
 
 
 def bits_override(raw_cfg, w_bits: int, a_bits: int, layer_bits: dict,
-                  init_checkpoint: str | None) -> tuple[str, str]:
+                  init_checkpoint: str | None) -> str:
     """The lines a config inheriting ``raw_cfg`` (the file as written, before
-    ``prepare_cfg``) needs to set these bits, and which form they take:
-
-    * ``model.type == 'RepQModel'`` (``model = dict(type='RepQModel', architecture=...,
-      repq=dict(...), init_checkpoint=...)``): ``model = dict(repq=dict(w_bits=...,
-      a_bits=..., layer_bits=...), init_checkpoint=...)``, form ``'model.repq'``;
-    * a top-level ``repq`` dict (wrapped by our tools): ``repq = dict(w_bits=..., a_bits=...,
-      layer_bits=..., init_checkpoint=...)``, form ``'repq'``.
-
-    mmengine merges these dicts into the inherited ones (other keys stay as inherited);
-    ``layer_bits`` is written in full (the config's entries first). ``init_checkpoint``
-    ``None``: not written (inherited).
+    ``prepare_cfg``; its model ``dict(type='RepQModel', architecture=..., repq=dict(...),
+    init_checkpoint=...)``) needs to set these bits: ``model = dict(repq=dict(w_bits=...,
+    a_bits=..., layer_bits=...), init_checkpoint=...)``. mmengine merges these dicts into
+    the inherited ones (other keys stay as inherited); ``layer_bits`` is written in full
+    (the config's entries first). ``init_checkpoint`` ``None``: not written (inherited).
     """
     lb = '{\n' + ''.join(f'        {k!r}: {v!r},\n' for k, v in layer_bits.items()) + '    }'
     model = raw_cfg.get('model', None) or {}
-    if str(model.get('type', '')).split('.')[-1] == 'RepQModel':
-        text = (f'model = dict(\n    repq=dict(w_bits={w_bits!r}, a_bits={a_bits!r}, '
-                f'layer_bits={lb}),\n')
-        if init_checkpoint is not None:
-            text += f'    init_checkpoint={init_checkpoint!r},\n'
-        return text + ')\n', 'model.repq'
-    if raw_cfg.get('repq', None) is None:
-        raise SensitivityError('CONFIG has neither a top-level `repq` dict nor a RepQModel '
-                               'model: cannot write a config inheriting it')
-    text = f'repq = dict(\n    w_bits={w_bits!r},\n    a_bits={a_bits!r},\n    layer_bits={lb},\n'
+    if str(model.get('type', '')).split('.')[-1] != 'RepQModel':
+        raise SensitivityError("CONFIG's model is not dict(type='RepQModel', ...): cannot "
+                               'write a config inheriting it')
+    text = (f'model = dict(\n    repq=dict(w_bits={w_bits!r}, a_bits={a_bits!r}, '
+            f'layer_bits={lb}),\n')
     if init_checkpoint is not None:
         text += f'    init_checkpoint={init_checkpoint!r},\n'
-    return text + ')\n', 'repq'
+    return text + ')\n'
 
 
 # --------------------------------------------------------------------------------------
@@ -393,10 +381,10 @@ def _atomic_write(path: str, text: str) -> None:
 def write_mixed_config(path, raw_cfg, config_path, rec, base_layer_bits, low_w, low_a, high,
                        init_checkpoint, header: str) -> str:
     layer_bits = {**base_layer_bits, **{n: high for n in rec['chosen']}}
-    body, form = bits_override(raw_cfg, low_w, low_a, layer_bits, init_checkpoint)
+    body = bits_override(raw_cfg, low_w, low_a, layer_bits, init_checkpoint)
     text = header + f'_base_ = [{osp.abspath(config_path)!r}]\n' + body
     _atomic_write(path, text)
-    rec.update(config=path, form=form, layer_bits=layer_bits)
+    rec.update(config=path, layer_bits=layer_bits)
     return text
 
 
@@ -451,7 +439,7 @@ def markdown(res: dict) -> str:
             f'uniform W{s["high_bits"]}: {z["config_high"]})',
             f'- summed delta kept high {b["sensitivity_kept"]:.4g}, left low '
             f'{b["sensitivity_low"]:.4g}',
-            f'- config: `{b["config"]}` (sets `{b["form"]}`)', '', '```python',
+            f'- config: `{b["config"]}`', '', '```python',
             f'w_bits={s["low_w_bits"]}, a_bits={s["low_a_bits"]}, '
             f'layer_bits={json.dumps(b["layer_bits"], indent=4)}', '```']
     return '\n'.join(lines) + '\n'
