@@ -56,6 +56,7 @@ nothing else) with the same input / output channels, stride, groups and output s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import itertools
 import warnings
@@ -65,12 +66,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .quant import LSQQuantizer, QConfig, QConv2d, QLinear, check_bits
+from .quant import LSQQuantizer, QConfig, QConv2d, QLinear
 from .rep import AvgStage, ConvStage, IdentityStage, RepBlock, Stage
 from .rep.base import install_est_refresh_schedule
 from .rep.foreign_stages import (PAD_STATS, BNPadAvgStage, BNPadConvStage, CroppedConvStage,
                                  IdentityBasedConvStage, _BNPadMixin, shared_conv_stage)
 from .rep.stages import _pair
+from .settings import RepQConfig, check_layer_bits  # noqa: F401  (re-exported)
 
 __all__ = ['convert_to_repq', 'merge_model', 'find_rep_blocks', 'FOREIGN_BLOCKS',
            'ForeignRepBlock', 'RepVGGplusRepBlock', 'RepVGGplusDeployed', 'LookAlikeWarning',
@@ -800,24 +802,6 @@ def _check_skip(model: nn.Module, skip: tuple[str, ...]) -> None:
                              f"'head.*'), not layer types; top-level modules: {top[:12]}")
 
 
-def check_layer_bits(layer_bits) -> dict[str, int]:
-    """Validate a ``layer_bits`` mapping (see :func:`convert_to_repq`); returns a copy."""
-    if layer_bits is None:
-        return {}
-    if not isinstance(layer_bits, dict):
-        raise ValueError(f'layer_bits must be a dict {{module name or pattern: bits}}, got '
-                         f'{type(layer_bits).__name__}: {layer_bits!r}')
-    for p, bits in layer_bits.items():
-        if not isinstance(p, str) or not p:
-            raise ValueError(f'layer_bits keys must be module names or fnmatch patterns '
-                             f'(non-empty strings), got {p!r}')
-        try:
-            check_bits(bits)
-        except ValueError as e:
-            raise ValueError(f'layer_bits[{p!r}]: {e}') from None
-    return dict(layer_bits)
-
-
 def _unmatched_layer_bits(layer_bits: dict[str, int], names: list[str]) -> None:
     for p in layer_bits:
         if not any(_skipped(n, (p,)) for n in names):
@@ -905,14 +889,31 @@ def _quantized_copy(m: nn.Module, qcls: type, qcfg: QConfig, name: str) -> nn.Mo
     return q.train(m.training)
 
 
-def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
-                    bn_mode: str = 'exact', per_channel: bool = False,
-                    first_bits: int | None = None, last_bits: int | None = None,
-                    act_signed: bool | str = 'auto', symmetric: bool = False,
-                    impl: str = 'fast', quantize: bool = True, quantize_plain: bool = True,
-                    skip: Iterable[str] = (), inplace: bool = True,
-                    qcfg: QConfig | None = None, est_refresh: int = 0,
-                    init: str = 'lsq', layer_bits: dict[str, int] | None = None) -> nn.Module:
+def _settings(qcfg, settings: dict) -> RepQConfig:
+    """``qcfg`` (a QConfig / RepQConfig / dict / None) plus keyword settings, validated."""
+    for key in ('method', 'deploy'):
+        if key in settings:
+            raise TypeError(f'convert_to_repq: {key!r} is a RepQModel setting (merge_model '
+                            f'before / after converting does what it selects)')
+    if qcfg is None:
+        base = {}
+    elif isinstance(qcfg, QConfig):
+        base = {f.name: getattr(qcfg, f.name) for f in dataclasses.fields(qcfg)}
+    elif isinstance(qcfg, dict):
+        base = dict(qcfg)
+    else:
+        raise TypeError(f'convert_to_repq: qcfg must be a QConfig, RepQConfig or dict, got '
+                        f'{type(qcfg).__name__}')
+    twice = [k for k in settings if k in base and base[k] != settings[k]]
+    if twice:
+        raise ValueError(f'convert_to_repq: {twice} given both in qcfg and as keywords, '
+                         f'with different values')
+    return RepQConfig.from_dict({**base, **settings}, 'convert_to_repq')
+
+
+def convert_to_repq(model: nn.Module, qcfg: QConfig | dict | None = None, *,
+                    quantize: bool = True, quantize_plain: bool = True, inplace: bool = True,
+                    **settings) -> nn.Module:
     """Convert ``model`` for RepQ quantization-aware training.
 
     1. Foreign rep blocks (:data:`FOREIGN_BLOCKS`: mmpretrain ``RepVGGBlock`` /
@@ -931,10 +932,16 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
 
     Args:
         model: any module (a rep block or conv at the root is replaced too).
-        w_bits, a_bits: weight / activation bit widths (2..8).
-        bn_mode: ``'exact'`` (RepQ-BN) or ``'est'`` (RepQ-BNEst).
-        per_channel, act_signed, symmetric, impl, est_refresh, init: see
-            :class:`~repq_mm.quant.QConfig`.
+        qcfg: settings as a :class:`~repq_mm.quant.QConfig` /
+            :class:`~repq_mm.settings.RepQConfig` or a dict of their keys (``None``: the
+            defaults). Keyword ``settings`` are added to it; a key given both ways with
+            different values is an error. ``method`` and ``deploy`` are the caller's
+            (``RepQModel`` merges before / after); as keywords they are refused.
+        **settings: any :class:`~repq_mm.settings.RepQConfig` field:
+            ``w_bits``, ``a_bits`` (2..8), ``bn_mode`` (``'exact'``: RepQ-BN, ``'est'``:
+            RepQ-BNEst), ``per_channel``, ``act_signed``, ``symmetric``, ``impl``,
+            ``est_refresh``, ``init``, ``est_stats`` (see :class:`~repq_mm.quant.QConfig`),
+            and
         first_bits, last_bits: bit width (weights and activations) of the first and the
             last quantized layer in registration order (``None``: as the rest). When one
             layer is both, ``last_bits`` wins.
@@ -948,15 +955,13 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
         skip: module names or ``fnmatch`` patterns left untouched, with their children
             (which also silences the :class:`LookAlikeWarning` for them).
         inplace: modify ``model`` (``False``: work on a deep copy).
-        qcfg: a full :class:`QConfig`; when given it replaces ``w_bits``, ``a_bits``,
-            ``bn_mode``, ``per_channel``, ``act_signed``, ``symmetric``, ``impl``,
-            ``est_refresh`` and ``init``.
 
     Returns:
         The converted model (the same object when ``inplace`` unless the root was replaced).
 
     Raises:
-        ValueError: a bad bit width (naming the value), or a module matched by a family of
+        KeyError: an unknown setting (with the closest valid key).
+        ValueError: a bad setting (naming it and the value), or a module matched by a family of
             :data:`FOREIGN_BLOCKS` that cannot be read or does not reproduce its forward
             (naming its path and the reason).
 
@@ -974,19 +979,9 @@ def convert_to_repq(model: nn.Module, w_bits: int = 8, a_bits: int = 8,
         >>> qnet(torch.randn(2, 3, 8, 8)).shape
         torch.Size([2, 10])
     """
-    for arg, bits in (('w_bits', w_bits), ('a_bits', a_bits), ('first_bits', first_bits),
-                      ('last_bits', last_bits)):
-        if bits is not None or arg in ('w_bits', 'a_bits'):
-            try:
-                check_bits(bits)
-            except ValueError as e:
-                raise ValueError(f'{arg}: {e}') from None
-    layer_bits = check_layer_bits(layer_bits)
-    if qcfg is None:
-        qcfg = QConfig(w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, bn_mode=bn_mode,
-                       act_signed=act_signed, symmetric=symmetric, impl=impl,
-                       est_refresh=est_refresh, init=init)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    rcfg = _settings(qcfg, settings)
+    qcfg, skip, layer_bits = rcfg.qconfig(), rcfg.skip, rcfg.layer_bits or {}
+    first_bits, last_bits = rcfg.first_bits, rcfg.last_bits
     _check_skip(model, skip)
     if not inplace:
         model = copy.deepcopy(model)

@@ -323,3 +323,57 @@ def test_merge_quant_bad_input(tmp_path, capsys, data_root):  # noqa: F811
     assert merge_tool.main([cfg, other, out, '--overwrite']) == 0
     assert _tree_hash(out) != held
 
+
+
+# --------------------------------------------------------------------------------------
+# the settings schema (repq_mm.settings.RepQConfig): one owner of defaults and checks
+# --------------------------------------------------------------------------------------
+def test_schema_did_you_mean_and_values():
+    from repq_mm.settings import REPQ_DEFAULTS, RepQConfig
+    assert RepQConfig().to_dict() == REPQ_DEFAULTS
+    assert set(REPQ_DEFAULTS) >= {f for f in QConfig.keys()}       # every layer setting
+    with pytest.raises(KeyError, match=r"'est_stat' \(did you mean 'est_stats'\?\)"):
+        RepQConfig.from_dict(dict(est_stat='kron'))
+    for bad, match in ((dict(est_stats='kronecker'), r"repq\.est_stats .*did you mean 'kron'"),
+                       (dict(impl='fastest'), r"repq\.impl .*did you mean 'fast'"),
+                       (dict(init='mes'), r"repq\.init .*did you mean 'mse'"),
+                       (dict(per_channel=1), r'repq\.per_channel must be True or False'),
+                       (dict(est_refresh=-1), r'repq\.est_refresh must be an int >= 0'),
+                       (dict(method='lsqq'), r"repq\.method .*did you mean 'lsq'")):
+        with pytest.raises(ValueError, match=match):
+            RepQConfig.from_dict(bad)
+    # the per-layer part checks the same way, under its own name
+    with pytest.raises(ValueError, match=r"qconfig\.bn_mode .*did you mean 'est'"):
+        QConfig.from_dict(dict(bn_mode='estt'))
+
+
+def test_convert_settings_no_silent_override():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), RepVGGBlock(4, 4))
+    with pytest.raises(ValueError, match=r"\['w_bits'\] given both in qcfg and as keywords"):
+        convert_to_repq(net, QConfig(w_bits=3), w_bits=4, inplace=False)
+    with pytest.raises(TypeError, match="'method' is a RepQModel setting"):
+        convert_to_repq(net, method='lsq', inplace=False)
+    with pytest.raises(KeyError, match=r"'bnmode' \(did you mean 'bn_mode'\?\)"):
+        convert_to_repq(net, bnmode='est', inplace=False)
+    # the same value both ways, a dict qcfg, est_stats: all reach the blocks
+    q = convert_to_repq(net, dict(w_bits=3, bn_mode='est', est_stats='kron'), w_bits=3,
+                        inplace=False)
+    assert q[1].w_quant.bits == 3 and q[1].bn_mode == 'est' and q[1].est_stats == 'kron'
+
+
+def test_est_stats_from_the_repq_dict():
+    pytest.importorskip('mmpretrain')
+    from mmengine.registry import MODELS, init_default_scope
+
+    import repq_mm.mm  # noqa: F401
+    init_default_scope('mmpretrain')
+    arch = dict(type='ImageClassifier',
+                backbone=dict(type='RepVGG', arch=dict(num_blocks=[1, 1, 1, 1],
+                                                       width_factor=[0.25] * 4,
+                                                       group_layer_map=None, se_cfg=None)),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(type='LinearClsHead', num_classes=3, in_channels=128))
+    model = MODELS.build(dict(type='RepQModel', architecture=arch,
+                              repq=dict(bn_mode='est', est_stats='kron')))
+    blocks = [m for m in model.modules() if hasattr(m, 'est_stats')]
+    assert blocks and all(b.est_stats == 'kron' for b in blocks)

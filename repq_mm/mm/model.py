@@ -12,7 +12,6 @@ Example config (mmpretrain; the form every tool builds, see :mod:`repq_mm.mm.con
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 
 from mmengine.logging import print_log
@@ -20,91 +19,22 @@ from mmengine.model import BaseModel
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
-from ..convert import check_layer_bits, convert_to_repq, merge_model
-from ..quant import BN_MODES, check_bits
-from ..quant.lsq import LSQ_IMPLS
+from ..convert import convert_to_repq, merge_model
+from ..settings import REPQ_DEFAULTS, RepQConfig
 from .checkpoint import register_safe_globals
 
-#: valid keys of the ``repq`` dict and their defaults
-REPQ_DEFAULTS = dict(
-    method='repq',          # 'repq' | 'lsq' | 'ptq' | 'fp'
-    w_bits=8,
-    a_bits=8,
-    bn_mode='exact',        # 'exact' (RepQ-BN) | 'est' (RepQ-BNEst)
-    per_channel=False,
-    first_bits=None,
-    last_bits=None,
-    layer_bits=None,        # {module name / pattern: bits}, e.g. a head's output convs
-    act_signed='auto',
-    symmetric=False,
-    skip=(),
-    deploy=False,
-    impl='fast',            # 'fast' | 'fused' | 'reference' (LSQ implementation)
-    est_refresh=0,          # BNEst: exact statistics every k steps correct the estimate
-    init='lsq',             # step init: 'lsq' (paper) | 'mse' (min quantization error)
-)
-METHODS = ('repq', 'lsq', 'ptq', 'fp')
-
-
-def _closest(key, valid) -> str:
-    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
-    return f' (did you mean {close[0]!r}?)' if close else ''
-
-
-def _check_bool(key, v):
-    if not isinstance(v, bool):
-        raise ValueError(f'repq.{key} must be True or False, got {v!r}')
+__all__ = ['RepQModel', 'check_repq_cfg', 'REPQ_DEFAULTS', 'load_float_checkpoint']
 
 
 def check_repq_cfg(repq: dict | None) -> dict:
-    """Validate a ``repq`` dict and return it completed with :data:`REPQ_DEFAULTS`.
+    """Validate a ``repq`` dict and return it completed with the defaults
+    (:class:`~repq_mm.settings.RepQConfig` owns both).
 
     Raises:
         KeyError: unknown key (with the closest valid key and the list of valid keys).
         ValueError: a bad value, naming the key.
     """
-    if repq is not None and not isinstance(repq, dict):      # ConfigDict is a dict
-        raise ValueError(f'repq must be a dict of settings, got {type(repq).__name__}: '
-                         f'{repq!r}')
-    repq = dict(repq or {})
-    unknown = [k for k in repq if k not in REPQ_DEFAULTS]
-    if unknown:
-        hints = '; '.join(f'{k!r}{_closest(k, REPQ_DEFAULTS)}' for k in unknown)
-        raise KeyError(f'unknown repq key(s): {hints}. Valid keys: {sorted(REPQ_DEFAULTS)}')
-    out = {**REPQ_DEFAULTS, **repq}
-    if out['method'] not in METHODS:
-        raise ValueError(f'repq.method must be one of {METHODS}, got {out["method"]!r}'
-                         f'{_closest(out["method"], METHODS)}')
-    for key in ('w_bits', 'a_bits', 'first_bits', 'last_bits'):
-        if out[key] is None and key in ('first_bits', 'last_bits'):
-            continue
-        try:
-            check_bits(out[key])
-        except ValueError as e:
-            raise ValueError(f'repq.{key}: {e}') from None
-    if out['bn_mode'] not in BN_MODES:
-        raise ValueError(f'repq.bn_mode must be one of {BN_MODES}, got {out["bn_mode"]!r}'
-                         f'{_closest(out["bn_mode"], BN_MODES)}')
-    for key in ('per_channel', 'symmetric', 'deploy'):
-        _check_bool(key, out[key])
-    if out['act_signed'] not in (True, False, 'auto') or out['act_signed'] in (0, 1) and \
-            not isinstance(out['act_signed'], bool):
-        raise ValueError(f"repq.act_signed must be True, False or 'auto', got "
-                         f"{out['act_signed']!r}")
-    if out['impl'] not in LSQ_IMPLS:
-        raise ValueError(f"repq.impl must be one of {LSQ_IMPLS}, got {out['impl']!r}")
-    skip = out['skip']
-    if isinstance(skip, str):
-        skip = (skip,)
-    if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
-        raise ValueError(f'repq.skip must be a list of module names / patterns, got {skip!r}')
-    out['skip'] = tuple(skip)
-    if out['layer_bits'] is not None:
-        try:
-            out['layer_bits'] = check_layer_bits(out['layer_bits'])
-        except ValueError as e:
-            raise ValueError(f'repq.{e}') from None
-    return out
+    return RepQConfig.from_dict(repq, 'repq').to_dict()
 
 
 def _build_architecture(cfg) -> nn.Module:
@@ -156,9 +86,9 @@ class RepQModel(BaseModel):
             * ``deploy=True``: after the above, every rep block is merged into one conv
               (the form ``tools/merge_quant.py`` writes checkpoints for).
 
-            Other keys: ``w_bits``, ``a_bits``, ``bn_mode``, ``per_channel``,
-            ``first_bits``, ``last_bits``, ``layer_bits``, ``act_signed``, ``symmetric``, ``skip``,
-            ``impl`` (passed to ``convert_to_repq``).
+            Every other key is a :class:`~repq_mm.settings.RepQConfig` field (``w_bits``,
+            ``a_bits``, ``bn_mode``, ``est_stats``, ``per_channel``, ``first_bits``,
+            ``last_bits``, ``layer_bits``, ``skip`` ...), passed to ``convert_to_repq``.
         init_checkpoint: float checkpoint loaded into the architecture before conversion
             (strict). When given, ``init_weights`` leaves the weights alone.
         data_preprocessor: passed to the architecture when its config has none (what
@@ -211,15 +141,12 @@ class RepQModel(BaseModel):
     @staticmethod
     def convert(arch: nn.Module, repq: dict) -> nn.Module:
         """Apply ``repq`` (validated) to ``arch`` in place; returns the converted module."""
-        method = repq['method']
-        kwargs = {k: repq[k] for k in ('w_bits', 'a_bits', 'bn_mode', 'per_channel',
-                                       'first_bits', 'last_bits', 'layer_bits', 'act_signed',
-                                       'symmetric', 'impl', 'skip', 'est_refresh', 'init')}
-        if method in ('lsq', 'ptq'):
+        cfg = RepQConfig.from_dict(repq, 'repq')
+        if cfg.method in ('lsq', 'ptq'):
             arch = merge_model(arch, inplace=True)
-        if method != 'fp':
-            arch = convert_to_repq(arch, inplace=True, **kwargs)
-        if repq['deploy']:
+        if cfg.method != 'fp':
+            arch = convert_to_repq(arch, cfg, inplace=True)
+        if cfg.deploy:
             arch = merge_model(arch, inplace=True)
         return arch
 

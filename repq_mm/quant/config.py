@@ -1,11 +1,25 @@
 """Quantization settings shared by RepQ blocks and plain quantized layers."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, fields
 
-from .lsq import LSQQuantizer, check_bits
+from .lsq import LSQ_IMPLS, LSQQuantizer, check_bits
 
 BN_MODES = ('exact', 'est')
+EST_STATS = ('diag', 'kron')      # RepQ-BNEst estimators (repq_mm.rep.estimators)
+INITS = ('lsq', 'mse')
+
+
+def closest(key, valid) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``valid`` to ``key``, else ``''``."""
+    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)
+    return f' (did you mean {close[0]!r}?)' if close else ''
+
+
+def _one_of(key, value, valid):
+    if value not in valid:
+        raise ValueError(f'{key} must be one of {valid}, got {value!r}{closest(value, valid)}')
 
 
 @dataclass
@@ -47,32 +61,53 @@ class QConfig:
     est_stats: str = 'diag'
 
     def __post_init__(self):
-        check_bits(self.w_bits)
-        check_bits(self.a_bits)
-        if self.bn_mode not in BN_MODES:
-            raise ValueError(f'bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}')
+        """Every check of a per-layer setting (the only place they are written)."""
+        for key in ('w_bits', 'a_bits'):
+            try:
+                check_bits(getattr(self, key))
+            except ValueError as e:
+                raise ValueError(f'{key}: {e}') from None
+        _one_of('bn_mode', self.bn_mode, BN_MODES)
+        for key in ('per_channel', 'symmetric'):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f'{key} must be True or False, got {getattr(self, key)!r}')
+        if not (isinstance(self.act_signed, bool) or self.act_signed == 'auto'):
+            raise ValueError(f"act_signed must be True, False or 'auto', got "
+                             f"{self.act_signed!r}")
+        _one_of('impl', self.impl, LSQ_IMPLS)
         if isinstance(self.est_refresh, bool) or not isinstance(self.est_refresh, int) or \
                 self.est_refresh < 0:
             raise ValueError(f'est_refresh must be an int >= 0, got {self.est_refresh!r}')
-        if self.init not in ('lsq', 'mse'):
-            raise ValueError(f"init must be 'lsq' or 'mse', got {self.init!r}")
-        from ..rep.estimators import ESTIMATORS
-        if self.est_stats not in ESTIMATORS:
-            raise ValueError(f'est_stats must be one of {ESTIMATORS}, got {self.est_stats!r}')
+        _one_of('init', self.init, INITS)
+        _one_of('est_stats', self.est_stats, EST_STATS)
 
     @classmethod
-    def from_dict(cls, d: dict) -> 'QConfig':
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict | None, where: str = 'qconfig'):
+        """Build from a settings dict (``None``: the defaults); errors name the key as
+        ``{where}.{key}``, unknown keys get their closest valid key and the valid list."""
+        if d is not None and not isinstance(d, dict):          # ConfigDict is a dict
+            raise ValueError(f'{where} must be a dict of settings, got {type(d).__name__}: '
+                             f'{d!r}')
+        d = dict(d or {})
+        valid = cls.keys()
+        unknown = [k for k in d if k not in valid]
         if unknown:
-            raise KeyError(f'unknown QConfig keys {sorted(unknown)}; valid keys: {sorted(names)}')
-        return cls(**d)
+            hints = '; '.join(f'{k!r}{closest(k, valid)}' for k in unknown)
+            raise KeyError(f'unknown {where} key(s): {hints}. Valid keys: {sorted(valid)}')
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f'{where}.{e}') from None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def replace(self, **kw) -> 'QConfig':
-        return QConfig(**{**self.to_dict(), **kw})
+    def replace(self, **kw):
+        return type(self)(**{**self.to_dict(), **kw})
 
     def weight_quantizer(self, out_channels: int | None = None) -> LSQQuantizer:
         return LSQQuantizer(self.w_bits, signed=True, per_channel=self.per_channel, ch_axis=0,

@@ -39,10 +39,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..quant.config import EST_STATS as ESTIMATORS  # values of the ``est_stats`` setting
 from .stats import stats_dtype
 
-#: values of the ``est_stats`` setting
-ESTIMATORS = ('diag', 'kron')
 #: input elements the tap-pair correlation ``R`` is measured on (a subset of the images)
 KRON_BUDGET = 1 << 15
 
