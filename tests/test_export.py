@@ -1,8 +1,11 @@
 """Integer ONNX export (``repq_mm.export``, ``tools/export_onnx.py``) checked with
-onnxruntime: QDQ graph with int8 weight initializers, learned scales, Clip for sub-8-bit
-ranges, outputs within one quantization step of the PyTorch fake-quant merged model on
-Fashion-MNIST test images (random images when ``data/fashion_mnist`` is missing).
-Tiny models; about 15 s on one thread."""
+onnxruntime: both graph forms (``fused``: uint8 codes, integer Clip, int32 biases,
+ConvInteger where QLinearConv cannot be used; ``qdq``: plain Q -> DQ pairs), integer weight
+initializers, learned scales, outputs within one quantization step of the PyTorch
+fake-quant merged model on Fashion-MNIST test images (random images when
+``data/fashion_mnist`` is missing), every quantized layer an integer kernel in onnxruntime's
+optimised graph; the deployment benchmark (``--quick``) and the onnxruntime accuracy tool
+on a few samples. Tiny models."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,7 +25,7 @@ ort = pytest.importorskip('onnxruntime')
 
 from repq_mm import convert_to_repq, merge_model  # noqa: E402
 from repq_mm.export import (META_KEY, ExportError, compare_onnx,  # noqa: E402
-                            export_fp32_onnx, export_onnx, run_onnx)
+                            count_kernels, export_fp32_onnx, export_onnx, run_onnx)
 from repq_mm.rep import RepVGGBlock  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -45,14 +48,15 @@ def to_input(imgs: np.ndarray) -> torch.Tensor:
     return (x - 72.94) / 90.02
 
 
-def tiny_net(w_bits=4, a_bits=4, per_channel=True, symmetric=False):
+def tiny_net(w_bits=4, a_bits=4, per_channel=True, symmetric=False, act_signed='auto'):
     torch.manual_seed(0)
     net = nn.Sequential(RepVGGBlock(1, 16, stride=2, act=nn.ReLU()),
                         RepVGGBlock(16, 16, act=nn.ReLU()),
                         RepVGGBlock(16, 32, stride=2, act=nn.ReLU()),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     q = convert_to_repq(net, w_bits=w_bits, a_bits=a_bits, per_channel=per_channel,
-                        first_bits=8, last_bits=8, symmetric=symmetric, bn_mode='est')
+                        first_bits=8, last_bits=8, symmetric=symmetric, bn_mode='est',
+                        act_signed=act_signed)
     opt = torch.optim.SGD(q.parameters(), lr=0.01)
     x = to_input(fmnist_images(32, 100))
     q.train()
@@ -72,9 +76,11 @@ def _initializers(path):
 @pytest.mark.parametrize('w_bits,a_bits,per_channel,symmetric',
                          [(4, 4, True, False), (8, 8, False, True), (2, 3, False, False)])
 def test_export_qdq_graph_and_onnxruntime(tmp_path, w_bits, a_bits, per_channel, symmetric):
+    """The plain QDQ form (``form='qdq'``): float Clip in front of sub-8-bit
+    QuantizeLinear, int8 zero point 0 for signed codes, float biases."""
     q = tiny_net(w_bits, a_bits, per_channel, symmetric)
     path = str(tmp_path / 'q.onnx')
-    info = export_onnx(q, torch.zeros(1, 1, 32, 32), path)
+    info = export_onnx(q, torch.zeros(1, 1, 32, 32), path, form='qdq')
     model, inits = _initializers(path)
     ops = [n.op_type for n in model.graph.node]
     # four quantized layers (3 merged blocks + fc): int8 codes + DequantizeLinear
@@ -131,6 +137,179 @@ def test_export_qdq_graph_and_onnxruntime(tmp_path, w_bits, a_bits, per_channel,
           f'max |ORT - torch| {res["max_abs"]:.3g} (one step {res["one_step"]:.3g})')
 
 
+def _stored(model, name):
+    """The constant value named ``name`` (Constant node or initializer)."""
+    for n in model.graph.node:
+        if n.op_type == 'Constant' and n.output[0] == name:
+            return onnx.numpy_helper.to_array(n.attribute[0].t)
+    for i in model.graph.initializer:
+        if i.name == name:
+            return onnx.numpy_helper.to_array(i)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize('w_bits,a_bits,per_channel,symmetric,act_signed',
+                         [(4, 4, True, False, 'auto'), (8, 8, False, True, 'auto'),
+                          (2, 3, False, False, 'auto'), (4, 8, True, False, 'auto'),
+                          (4, 4, True, False, True)])
+def test_export_fused_form_runs_as_integer_kernels(tmp_path, w_bits, a_bits, per_channel,
+                                                   symmetric, act_signed):
+    """The default ``fused`` form: uint8 activation codes (zero point 128 for signed ones),
+    the LSQ range of sub-8-bit / symmetric codes clamped by a Clip on the uint8 codes (no
+    float Clip), int32 biases; in onnxruntime's optimised graph every quantized layer is
+    an integer kernel (QLinearConv, ConvInteger for the conv feeding the pooling, QGemm for
+    the head) and no float conv / linear is left; the layer-by-layer check passes in the
+    graph as written and in the optimised one."""
+    q = tiny_net(w_bits, a_bits, per_channel, symmetric, act_signed)
+    path = str(tmp_path / 'q.onnx')
+    info = export_onnx(q, torch.zeros(1, 1, 32, 32), path)
+    model = onnx.load(path)
+    ops = [n.op_type for n in model.graph.node]
+    a_recs = [r for r in info['quantizers'] if r['kind'] == 'act']
+    w_recs = [r for r in info['quantizers'] if r['kind'] == 'weight']
+    assert info['form'] == 'fused' and len(a_recs) == len(w_recs) == 4
+    # every activation is stored as uint8; signed codes (the network input, or everything
+    # with act_signed=True) with zero point 128; the stored range is zp + [-Q_N, Q_P]
+    assert all(r['storage'] == 'uint8' for r in a_recs)
+    assert [r['signed'] for r in a_recs] == [True] + [act_signed is True] * 3
+    for r in a_recs:
+        assert r['zero_point'] == (128 if r['signed'] else 0)
+        assert r['stored_range'] == [r['zero_point'] + r['clamp'][0],
+                                     r['zero_point'] + r['clamp'][1]]
+        full = r['stored_range'] == [0, 255]
+        assert r['clamp_op'] == (None if full else 'Clip(codes)') and r['clip'] == (not full)
+    # the narrower ranges: integer Clips between QuantizeLinear and DequantizeLinear only
+    clips = [n for n in model.graph.node if n.op_type == 'Clip']
+    assert len(clips) == sum(r['clip'] for r in a_recs)
+    for n in clips:
+        lo, hi = _stored(model, n.input[1]), _stored(model, n.input[2])
+        assert lo.dtype == hi.dtype == np.uint8 and n.name.split('/')[1].startswith('CodeClip')
+        src = [m for m in model.graph.node if n.input[0] in m.output][0]
+        assert src.op_type == 'QuantizeLinear'
+    # weights: int8 codes, uint8 + 128 exactly where u8 x s8 pairs could pass int16
+    for r in w_recs:
+        assert r['storage'] == ('uint8' if r['bits'] == 8 and r['zero_point'] == 128
+                                else 'int8')
+    assert [r['bias'] for r in w_recs] == ['int32'] * 4 and info['int32'] >= 4
+    # onnxruntime: every quantized layer an integer kernel, no float conv / linear left
+    # (with signed codes after the ReLUs the ReLU is not implied by the zero point, so those
+    # convs are ConvInteger)
+    kernels = [layer['kernel'] for layer in info['layers']]
+    assert kernels == (['ConvInteger'] * 3 if act_signed is True else
+                       ['QLinearConv', 'QLinearConv', 'ConvInteger']) + ['QGemm']
+    k = count_kernels(path)
+    assert k['integer'] == len(info['layers']) == 4 and k['float'] == 0, k
+    for kern in ('QLinearConv', 'ConvInteger', 'QGemm'):
+        assert k['ops'].get(kern, 0) == kernels.count(kern)
+    assert 'DequantizeLinear' not in k['ops'], k        # nothing dequantized to float
+    # exact: layer by layer within one step, codes off by at most one, optimised graph too
+    x = to_input(fmnist_images(8))
+    res = compare_onnx(q, path, x, optimized=True)
+    assert res['within_one_step'] and res['max_abs'] <= res['one_step'], res
+    assert len(res['act_codes']) == 4 and all(v['max_diff'] <= 1
+                                              for v in res['act_codes'].values())
+    dep = res['deployed']
+    assert dep['within_one_step'] and all(v['max_diff'] <= 1 for v in dep['act_codes'].values())
+    assert dep['kernels']['integer'] == 4 and dep['kernels']['float'] == 0
+    assert 0 <= res['bias_effect'] <= res['one_step']
+    # the integer Clips do the LSQ clamping: without them the codes leave the LSQ range
+    if any(r['clip'] and r['bits'] < 8 for r in a_recs[1:]):
+        from repq_mm.mm.export import check_failures
+        broken = onnx.load(path)
+        for n in broken.graph.node:
+            if '/CodeClip#' in n.name:
+                del n.input[1:]                       # Clip without bounds: identity
+        onnx.save(broken, str(tmp_path / 'noclip.onnx'))
+        big = x * 4                          # activations beyond the LSQ ranges
+        assert not check_failures(compare_onnx(q, path, big))
+        bad = compare_onnx(q, str(tmp_path / 'noclip.onnx'), big)
+        assert any('activation codes off' in f for f in check_failures(bad)), bad
+
+
+def test_signed_codes_fuse_without_relu(tmp_path):
+    """A signed activation quantizer behind a conv without ReLU (zero point 128): the conv
+    still becomes QLinearConv (uint8 output with zero point 128), codes exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(8, 4, 1))
+    q = convert_to_repq(net, w_bits=4, a_bits=4, per_channel=True)
+    x = to_input(fmnist_images(8, 40))
+    q.train()(x)
+    q.eval()
+    path = str(tmp_path / 's.onnx')
+    info = export_onnx(q, x[:1], path)
+    a_recs = [r for r in info['quantizers'] if r['kind'] == 'act']
+    assert [r['signed'] for r in a_recs] == [True, True, False]
+    assert [r['zero_point'] for r in a_recs] == [128, 128, 0]
+    assert [r['stored_range'] for r in a_recs] == [[120, 135], [120, 135], [0, 15]]
+    assert [layer['kernel'] for layer in info['layers']] == \
+        ['QLinearConv', 'QLinearConv', 'ConvInteger']
+    k = count_kernels(path)
+    assert k['integer'] == 3 and k['float'] == 0 and k['ops']['QLinearConv'] == 2
+    res = compare_onnx(q, path, x, optimized=True)
+    assert res['within_one_step'] and res['deployed']['within_one_step']
+    assert all(v['max_diff'] <= 1 for v in res['act_codes'].values())
+    assert all(v['max_diff'] <= 1 for v in res['deployed']['act_codes'].values())
+
+
+def _has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (None: not x86 / unknown)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((ln.split(':', 1)[1].split() for ln in f
+                          if ln.lower().startswith('flags')), None)
+    except OSError:
+        return None
+    if flags is None or 'sse4_1' not in flags:
+        return None
+    return 'avx512_vnni' in flags or 'avx_vnni' in flags
+
+
+def test_weight_dtype_and_u8s8_saturation(tmp_path):
+    """8-bit weights against 8-bit activations: u8 x s8 kernels of x86 CPUs without VNNI
+    saturate pairs of products to int16. A layer with large weight codes and input codes
+    near 255: ``weight_dtype='auto'`` stores it as uint8 (zero point 128) and onnxruntime's
+    optimised graph stays exact; ``'int8'`` is exact in the graph as written, and in the
+    optimised graph exactly on CPUs with VNNI (else off by more than a step)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    q = convert_to_repq(net, w_bits=8, a_bits=8, per_channel=True)
+    x = torch.rand(4, 4, 8, 8) * 4                     # unsigned input, codes up to 255
+    q.train()(x)
+    q.eval()
+    with torch.no_grad():       # large weight codes of one sign, input codes up to 255
+        w = q[0].weight.abs() + 0.5 * q[0].weight.abs().amax((1, 2, 3), keepdim=True)
+        q[0].weight.copy_(w)
+        q[0].w_quant.step.copy_(w.amax((1, 2, 3)) / 127)
+        q[0].a_quant.step.fill_(float(x.max()) / 255)
+    wide = x.clone()
+    wide[:, :, 2:6, 2:6] = x.max()                     # many input codes at 255
+    results = {}
+    for wd in ('auto', 'int8', 'uint8'):
+        path = str(tmp_path / f'{wd}.onnx')
+        info = export_onnx(q, wide[:1], path, weight_dtype=wd)
+        results[wd] = (info, compare_onnx(q, path, wide, optimized=True))
+    info_auto, res_auto = results['auto']
+    # the first layer's codes reach 127 against inputs up to 255: 2 * 127 * 255 > 32767;
+    # the second one's small random-weight codes cannot overflow int16
+    assert [layer['weights'] for layer in info_auto['layers']] == ['uint8', 'int8']
+    assert [layer['weights'] for layer in results['int8'][0]['layers']] == ['int8'] * 2
+    assert [layer['weights'] for layer in results['uint8'][0]['layers']] == ['uint8'] * 2
+    for wd, (info, res) in results.items():
+        assert res['within_one_step'] and all(v['max_diff'] <= 1
+                                              for v in res['act_codes'].values()), wd
+    for wd in ('auto', 'uint8'):
+        dep = results[wd][1]['deployed']
+        assert dep['within_one_step'] and all(v['max_diff'] <= 1
+                                              for v in dep['act_codes'].values()), wd
+    vnni = _has_vnni()
+    if vnni is not None:
+        dep = results['int8'][1]['deployed']
+        exact = dep['within_one_step'] and all(v['max_diff'] <= 1
+                                               for v in dep['act_codes'].values())
+        assert exact == vnni, (vnni, dep)
+
+
 @pytest.mark.parametrize('per_channel', [True, False])
 def test_export_int32_bias(tmp_path, per_channel):
     """Biases as int32 codes at scale s_a * s_w: every quantized layer's bias becomes an
@@ -138,7 +317,7 @@ def test_export_int32_bias(tmp_path, per_channel):
     are round(b / (s_a s_w)); onnxruntime stays within one step of PyTorch."""
     q = tiny_net(4, 4, per_channel)
     path = str(tmp_path / 'q.onnx')
-    info = export_onnx(q, torch.zeros(1, 1, 32, 32), path, int32_bias=True)
+    info = export_onnx(q, torch.zeros(1, 1, 32, 32), path, int32_bias=True, form='qdq')
     model, inits = _initializers(path)
     biases = {k: v for k, v in inits.items() if k.endswith('bias_int32')}
     assert len(biases) == info['int32'] == 4
@@ -156,32 +335,39 @@ def test_export_int32_bias(tmp_path, per_channel):
         s_b = (layer.a_quant.scale() * layer.w_quant.scale()).detach().reshape(-1).numpy()
         np.testing.assert_array_equal(c, np.round(layer.bias.detach().numpy() / s_b))
     x = to_input(fmnist_images(8))
-    res = compare_onnx(q, path, x, int32_bias=True)
+    res = compare_onnx(q, path, x)          # the int32 layers come from the metadata
     assert res['within_one_step'] and res['max_abs'] <= res['one_step'], res
     assert all(s['max_diff'] <= 1 for s in res['act_codes'].values()), res
     assert 0 <= res['bias_effect'] <= res['one_step']
 
 
-def test_check_catches_a_wrong_export(tmp_path):
-    """The layer-by-layer check finds a file that computes something else: one weight code
-    changed in the saved ONNX model -> that layer's output codes / the output move beyond
-    one step; the untouched file passes, and the end-to-end numbers are reported too."""
-    q = tiny_net(8, 8, True)
+@pytest.mark.parametrize('form', ['fused', 'qdq'])
+def test_check_catches_a_wrong_export(tmp_path, form):
+    """The layer-by-layer check finds a file that computes something else: half of one
+    layer's weight codes negated in the saved ONNX model -> that layer's output codes / the
+    output move beyond one step, in the graph as written and in onnxruntime's optimised
+    graph; the untouched file passes, and the end-to-end numbers are reported too."""
+    from repq_mm.mm.export import check_failures
+    q = tiny_net(4, 8, True)
     path = str(tmp_path / 'q.onnx')
-    export_onnx(q, torch.zeros(1, 1, 32, 32), path)
+    export_onnx(q, torch.zeros(1, 1, 32, 32), path, form=form)
     x = to_input(fmnist_images(8))
-    ok = compare_onnx(q, path, x)
+    ok = compare_onnx(q, path, x, optimized=True)
+    assert not check_failures(ok), ok
     assert ok['within_one_step'] and max(s['max_diff'] for s in ok['act_codes'].values()) <= 1
     assert ok['free']['max_abs'] >= ok['max_abs'] >= 0 and ok['free']['act_codes']
     model = onnx.load(path)
-    init = [i for i in model.graph.initializer if i.name.endswith('weight_int8')][1]
+    init = [i for i in model.graph.initializer
+            if i.name.endswith(('weight_int8', 'weight_uint8'))][1]     # a 4-bit layer
     codes = onnx.numpy_helper.to_array(init).copy()
     codes.flat[:codes.size // 2] = -codes.flat[:codes.size // 2]     # a broken export
     init.CopyFrom(onnx.numpy_helper.from_array(codes, init.name))
     bad = str(tmp_path / 'bad.onnx')
     onnx.save(model, bad)
-    res = compare_onnx(q, bad, x)
-    assert not res['within_one_step'] or max(s['max_diff'] for s in res['act_codes'].values()) > 1
+    res = compare_onnx(q, bad, x, optimized=True)
+    fails = check_failures(res)
+    assert any(f.startswith('graph as written') for f in fails), res
+    assert any(f.startswith('optimised graph') for f in fails), res
 
 
 def test_export_rejects_uninitialised_and_leaves_model_alone(tmp_path):
@@ -212,12 +398,24 @@ def test_per_channel_activation_quantizer(tmp_path):
     x = to_input(fmnist_images(3, 20))
     q.eval()(x)
     path = str(tmp_path / 'pc.onnx')
-    export_onnx(q, x[:1], path)
+    export_onnx(q, x[:1], path, form='qdq')
     ops = [n.op_type for n in onnx.load(path).graph.node]
     assert 'Min' in ops and 'Max' in ops
     res = compare_onnx(q, path, x)
     assert res['max_abs'] <= 1e-5 and all(v['max_diff'] == 0
                                           for v in res['act_codes'].values())
+    # fused form: per-channel QuantizeLinear, the range clamped on the integer codes; the
+    # layer has no per-tensor integer input, so it stays float (said in a warning)
+    path = str(tmp_path / 'pc_fused.onnx')
+    with pytest.warns(UserWarning, match=r'1 quantized layer\(s\) stay float.*\b2\b'):
+        info = export_onnx(q, x[:1], path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert 'Min' not in ops and ops.count('Clip') == 2    # both 3-bit / 4-bit ranges
+    assert [layer['kernel'] for layer in info['layers']] == ['ConvInteger', None]
+    res = compare_onnx(q, path, x, optimized=True)
+    assert res['max_abs'] <= 1e-5 and all(v['max_diff'] == 0
+                                          for v in res['act_codes'].values())
+    assert res['deployed']['within_one_step']
 
 
 class _TwoHeads(nn.Module):
@@ -243,11 +441,20 @@ def test_export_any_module_nested_outputs(tmp_path):
     q.eval()
     path = str(tmp_path / 'two.onnx')
     info = export_onnx(q, x[:1], path)
-    assert info['output_names'] == ['output_0', 'output_1', 'output_2'] and info['int8'] == 4
-    res = compare_onnx(q, path, x)
+    assert info['output_names'] == ['output_0', 'output_1', 'output_2']
+    assert info['weight_codes'] == 4
+    # the trunk's second conv feeds three consumers, cls / reg are network outputs: no
+    # QLinearConv possible, so they are ConvInteger; the first conv fuses
+    assert [layer['kernel'] for layer in info['layers']] == \
+        ['QLinearConv', 'ConvInteger', 'ConvInteger', 'ConvInteger']
+    k = count_kernels(path)
+    assert k['ops']['QLinearConv'] == 1 and k['ops']['ConvInteger'] == 3 and k['float'] == 0
+    res = compare_onnx(q, path, x, optimized=True)
     assert res['num_outputs'] == 3 and res['max_abs'] <= res['one_step']
     assert len(res['act_codes']) == 4 and all(v['max_diff'] <= 1
                                               for v in res['act_codes'].values())
+    assert res['deployed']['within_one_step'] and all(
+        v['max_diff'] <= 1 for v in res['deployed']['act_codes'].values())
 
 
 # --------------------------------------------------------------------------------------
@@ -318,7 +525,7 @@ repq = {repq!r}
     assert tool.main([str(cfg), ckpt, out, '--fp32-out', fp32, '--check', *paths,
                       '--merged-dir', merged]) == 0
     m, inits = _initializers(out)
-    assert sum(v.data_type == onnx.TensorProto.INT8 for v in inits.values()) == 6
+    assert sum(k.endswith(('weight_int8', 'weight_uint8')) for k in inits) == 6
     assert m.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
     assert os.path.getsize(fp32) > os.path.getsize(out)
     assert sorted(os.listdir(tmp_path / 'out')) == ['fp32.onnx', 'q.onnx']
