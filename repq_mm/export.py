@@ -500,6 +500,10 @@ class _Graph:
                 self.const[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
         for name, init in self.inits.items():
             self.const[name] = numpy_helper.to_array(init)
+        # the exporter replaces a bitwise duplicate initializer by Identity(first copy)
+        for n in g.node:
+            if n.op_type == 'Identity' and n.input[0] in self.const:
+                self.const[n.output[0]] = self.const[n.input[0]]
 
     def only_consumer(self, name: str):
         users = self.cons.get(name, [])
@@ -536,6 +540,128 @@ def _fuses_into_qlinear(G: _Graph, conv) -> bool:
     return zp is not None and str(zp.dtype) == 'uint8' and int(zp.max()) == 0
 
 
+def _fold_batchnorm(proto, recs: list[dict], prefix: str = '') -> int:
+    """Form ``'fused'``: fold an inference ``BatchNormalization`` that follows a quantized
+    conv (a plain ``ConvModule`` conv -> BN, e.g. a detector head) into the conv, leaving
+    the integer weight codes unchanged: with ``k = gamma / sqrt(var + eps)`` per output
+    channel, the weight scale becomes ``s_w |k|`` (per output channel; the codes of a channel
+    with ``k < 0`` are negated, which is exact unless a code is the lowest one, -128) and the
+    bias ``(b - mean) k + beta``, stored as int32 codes at ``s_a s_w |k|``. The conv can
+    then become ``QLinearConv``. Sets ``rec['folded_bn']``; returns the number folded."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    G = _Graph(proto)
+    by_codes = {_codes_name(prefix, r['layer'], r['storage']): r
+                for r in recs if r['kind'] == 'weight'}
+    new_inits, drop, n_folded = [], set(), 0
+    for node in G.g.node:
+        if node.op_type != 'Conv' or len(node.input) < 2:
+            continue
+        dw = G.prod.get(node.input[1])
+        rec = by_codes.get(dw.input[0]) if dw is not None and \
+            dw.op_type == 'DequantizeLinear' else None
+        bn = G.only_consumer(node.output[0])
+        if rec is None or bn is None or bn.op_type != 'BatchNormalization' or \
+                len(bn.output) != 1 or any(a.name == 'training_mode' and a.i
+                                           for a in bn.attribute):
+            continue
+        dx = G.prod.get(node.input[0])
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        db = G.prod.get(bias) if bias else None
+        consts = [G.const.get(v) for v in bn.input[1:5]]
+        if dx is None or dx.op_type != 'DequantizeLinear' or \
+                G.const.get(dx.input[1]) is None or G.const[dx.input[1]].size != 1 or \
+                any(c is None for c in consts) or \
+                (bias and (db is None or db.op_type != 'DequantizeLinear')):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == 'epsilon'), 1e-5)
+        gamma, beta, mean, var = (c.astype(np.float64) for c in consts)
+        k = gamma / np.sqrt(var + eps)
+        codes = G.const[dw.input[0]]
+        zp = G.const[dw.input[2]]
+        zp0 = int(zp.flat[0]) if zp.size else 0
+        c_out = codes.shape[0]
+        signed = codes.astype(np.int64) - zp0          # the LSQ codes
+        neg = k < 0
+        if neg.any() and (signed[neg] == -128).any():
+            continue                         # -(-128) does not fit: leave the BN as it is
+        signed[neg] = -signed[neg]
+        s_w = np.broadcast_to(G.const[dw.input[1]].astype(np.float64).reshape(-1),
+                              (c_out,))
+        s_w_new = (s_w * np.abs(k)).astype(np.float32)
+        s_x = float(G.const[dx.input[1]].reshape(()))
+        b = np.zeros(c_out)
+        if bias:
+            b = G.const[db.input[0]].astype(np.float64) * \
+                np.broadcast_to(G.const[db.input[1]].astype(np.float64).reshape(-1), (c_out,))
+        b_new = (b - mean) * k + beta
+        s_b = (np.float32(s_x) * s_w_new).astype(np.float32)
+        b_codes = np.round(b_new / s_b.astype(np.float64))
+        if np.abs(b_codes).max() > 2 ** 31 - 1:
+            continue
+        layer = rec['layer']
+        names = dict(w=_codes_name(prefix, f'{layer}.bn_folded' if layer else 'bn_folded',
+                                   rec['storage']), ws=f'{prefix}{layer}.weight_scale_bn',
+                     wz=f'{prefix}{layer}.weight_zero_point_bn', b=f'{prefix}{layer}.bias_int32',
+                     bs=f'{prefix}{layer}.bias_scale_bn', bz=f'{prefix}{layer}.bias_zero_point_bn')
+        if names['b'] in G.const:        # an int32 bias of the layer itself: a new name
+            names['b'] = f'{prefix}{layer}.bias_int32_bn'
+        new_inits += [
+            numpy_helper.from_array((signed + zp0).astype(codes.dtype), names['w']),
+            numpy_helper.from_array(s_w_new, names['ws']),
+            numpy_helper.from_array(np.full(c_out, zp0, zp.dtype), names['wz']),
+            numpy_helper.from_array(b_codes.astype(np.int32), names['b']),
+            numpy_helper.from_array(s_b, names['bs']),
+            numpy_helper.from_array(np.zeros(c_out, np.int32), names['bz'])]
+        dw_new = f'{dw.output[0]}_bn'
+        db_new = f'{node.output[0]}_bias_bn'
+        new_dq = [helper.make_node('DequantizeLinear', [names['w'], names['ws'], names['wz']],
+                                   [dw_new], name=f'{dw.name}_bn', axis=0),
+                  helper.make_node('DequantizeLinear', [names['b'], names['bs'], names['bz']],
+                                   [db_new], name=f'{node.name}/BiasDQ_bn', axis=0)]
+        G.g.node.extend(new_dq)
+        while len(node.input) < 3:
+            node.input.append('')
+        node.input[1], node.input[2] = dw_new, db_new
+        node.output[0] = bn.output[0]
+        drop.add(id(bn))
+        for d in (dw, db):
+            if d is not None and len(G.cons[d.output[0]]) == 1:
+                drop.add(id(d))
+        # the layer's weight codes now live in the folded initializer
+        rec['folded_bn'] = bn.name or True
+        rec['codes_initializer'] = names['w']
+        rec['bias'] = 'int32 (BatchNormalization folded)'
+        n_folded += 1
+    keep = [n for n in G.g.node if id(n) not in drop]
+    del G.g.node[:]
+    G.g.node.extend(keep)
+    G.g.initializer.extend(new_inits)
+    _topo_sort(proto)
+    _drop_unused(proto)
+    return n_folded
+
+
+def _topo_sort(proto) -> None:
+    """Put the graph's nodes in a topological order (new nodes were appended)."""
+    g = proto.graph
+    avail = {i.name for i in g.input} | {i.name for i in g.initializer} | {''}
+    pending, done = list(g.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in avail for i in n.input):
+                done.append(n)
+                avail.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ExportError('the rewritten graph has a cycle or a missing input')
+        pending = rest
+    del g.node[:]
+    g.node.extend(done)
+
+
 def _integer_rewrite(proto, recs: list[dict], prefix: str = '') -> None:
     """Form ``'fused'``: every quantized conv that onnxruntime cannot fuse into
     ``QLinearConv`` becomes ``ConvInteger -> Add(int32 bias) -> Cast -> Mul(s_a s_w)``;
@@ -545,7 +671,7 @@ def _integer_rewrite(proto, recs: list[dict], prefix: str = '') -> None:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
     G = _Graph(proto)
-    by_codes = {_codes_name(prefix, r['layer'], r['storage']): r
+    by_codes = {r.get('codes_initializer') or _codes_name(prefix, r['layer'], r['storage']): r
                 for r in recs if r['kind'] == 'weight'}
     new_nodes, new_inits, dropped = [], [], set()
     for node in G.g.node:
@@ -625,11 +751,13 @@ def _integer_rewrite(proto, recs: list[dict], prefix: str = '') -> None:
 
 
 def _drop_unused(proto) -> None:
-    """Remove Constant nodes and initializers that no node or graph output reads."""
+    """Remove Constant / Identity nodes and initializers that no node or graph output
+    reads."""
     g = proto.graph
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if n.op_type == 'Constant' and n.output[0] not in used]
+        dead = [n for n in g.node if n.op_type in ('Constant', 'Identity') and
+                n.output[0] not in used]
         if not dead:
             break
         ids = {id(n) for n in dead}
@@ -767,20 +895,26 @@ def export_onnx(model: nn.Module, example_input, path: str, opset: int = DEFAULT
     _name_qdq_nodes(proto, act_order)
     w_recs = [r for r in recs if r['kind'] == 'weight']
     if form == 'fused':
-        _integer_rewrite(proto, recs, 'model.' if module is not prepared else '')
+        prefix = 'model.' if module is not prepared else ''
+        _fold_batchnorm(proto, recs, prefix)
+        _integer_rewrite(proto, recs, prefix)
         floats = [r['layer'] for r in w_recs if r.get('kernel') is None]
         if floats:
             warnings.warn(f'{len(floats)} quantized layer(s) stay float in the exported graph '
                           f'(no per-tensor integer input): {", ".join(floats[:8])}')
     stats = _initializer_stats(proto)
-    if stats['weight_codes'] < len(w_recs):
-        raise ExportError(f'{len(w_recs)} quantized weights but only '
-                          f'{stats["weight_codes"]} integer weight initializers in the '
-                          'exported graph')
+    G = _Graph(proto)
+    prefix = 'model.' if module is not prepared else ''
+    missing = [r['layer'] for r in w_recs
+               if (r.get('codes_initializer') or _codes_name(prefix, r['layer'], r['storage']))
+               not in G.const]
+    if missing:
+        raise ExportError(f'the weight codes of {len(missing)} quantized layer(s) are not '
+                          f'integer constants of the exported graph: {", ".join(missing[:8])}')
     n_b = sum(r.get('bias') == 'int32' for r in recs)
-    if stats['int32'] < n_b:
-        raise ExportError(f'{n_b} int32 biases but only {stats["int32"]} int32 '
-                          'initializers in the exported graph')
+    if n_b and not stats['int32']:        # (identical bias codes share one initializer)
+        raise ExportError(f'{n_b} int32 biases but no int32 initializer in the exported '
+                          'graph')
     meta = {META_KEY: json.dumps(recs),
             'repq_mm.form': _FORM_TEXT[form],
             'repq_mm.bias': 'int32 codes at scale s_a*s_w + DequantizeLinear' if int32_bias
@@ -797,7 +931,7 @@ def export_onnx(model: nn.Module, example_input, path: str, opset: int = DEFAULT
     onnx.checker.check_model(proto)
     _atomic_save(proto, path)
     layers = [dict(name=r['layer'], op=r['op'], kernel=r.get('kernel'), weights=r['storage'],
-                   bias=r['bias']) for r in w_recs]
+                   bias=r['bias'], folded_bn=r.get('folded_bn')) for r in w_recs]
     return dict(path=osp.abspath(path), quantizers=recs, layers=layers, form=form,
                 size=osp.getsize(path), input_names=input_names, output_names=output_names,
                 **stats)

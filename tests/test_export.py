@@ -252,6 +252,44 @@ def test_signed_codes_fuse_without_relu(tmp_path):
     assert all(v['max_diff'] <= 1 for v in res['deployed']['act_codes'].values())
 
 
+def test_batchnorm_after_quantized_conv_is_folded(tmp_path):
+    """conv -> BN -> ReLU (a plain ConvModule, not a rep block): the inference BN is folded
+    into the conv's per-channel weight scale (codes unchanged; negated where gamma < 0) and
+    an int32 bias, so the conv runs as QLinearConv; exact within one step."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 4, 1))
+    q = convert_to_repq(net, w_bits=4, a_bits=4, per_channel=False)
+    x = to_input(fmnist_images(8, 60))
+    q.train()
+    for _ in range(3):
+        q(x)
+    q.eval()
+    with torch.no_grad():
+        q[1].weight[:3] *= -1                     # some negative gammas
+        q[1].bias.uniform_(-0.5, 0.5)
+    path = str(tmp_path / 'bn.onnx')
+    info = export_onnx(q, x[:1], path)
+    model = onnx.load(path)
+    assert 'BatchNormalization' not in [n.op_type for n in model.graph.node]
+    assert [layer['kernel'] for layer in info['layers']] == \
+        ['QLinearConv', 'QLinearConv', 'ConvInteger']
+    assert info['layers'][0]['folded_bn'] and not info['layers'][1]['folded_bn']
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    folded = inits['0.bn_folded.weight_int8']
+    with torch.no_grad():
+        codes, _ = q[0].w_quant.quantize_to_codes(q[0].weight)
+    sign = np.where(q[1].weight.detach().numpy() < 0, -1, 1).reshape(-1, 1, 1, 1)
+    np.testing.assert_array_equal(folded, codes.numpy() * sign)
+    k = count_kernels(path)
+    assert k['integer'] == 3 and k['float'] == 0 and 'BatchNormalization' not in k['ops']
+    res = compare_onnx(q, path, x, optimized=True)
+    assert res['within_one_step'] and res['deployed']['within_one_step'], res
+    assert all(v['max_diff'] <= 1 for v in res['act_codes'].values())
+    assert all(v['max_diff'] <= 1 for v in res['deployed']['act_codes'].values())
+
+
 def _has_vnni() -> bool | None:
     """Whether this x86 CPU has VNNI (None: not x86 / unknown)."""
     try:
@@ -552,3 +590,111 @@ repq = {repq!r}
     assert tool.main([str(cfg), ckpt, out2, '--input-shape', '1', '3', '32', '32',
                       '--check', *paths]) == 1                 # shape mismatch
     assert not osp.exists(out2) or not os.listdir(osp.dirname(out2))
+
+
+# --------------------------------------------------------------------------------------
+# deployment benchmark and onnxruntime accuracy tools
+# --------------------------------------------------------------------------------------
+def _load_tool(rel: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, *rel.split('/')))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_deploy_bench_quick(tmp_path):
+    """``deploy_bench.py --quick``: the configs' models (small inputs) at W8A8 and W4A4 in
+    the fused form (and W4A4 in the qdq form for contrast): every quantized layer an
+    integer kernel with the fused form, none left float, the export check passing, latency
+    tables and the CPU named in results.md."""
+    pytest.importorskip('mmpretrain')
+    pytest.importorskip('mmdet')
+    bench = _load_tool('tools/analysis_tools/deploy_bench.py', 'repq_tool_deploy_bench')
+    out = bench.main(['--quick', '--models', 'fmnist,yolov6-trees', '--modes', 'w8a8,w4a4',
+                      '--forms', 'fused,qdq', '--threads', '1', '--repeats', '2',
+                      '--out-dir', str(tmp_path)])
+    assert [r['model'] for r in out['results']] == ['fmnist', 'yolov6-trees']
+    for r in out['results']:
+        assert set(r['variants']) == {'w8a8 fused', 'w8a8 qdq', 'w4a4 fused', 'w4a4 qdq'}
+        for vname, v in r['variants'].items():
+            assert v['check']['passed'], (r['model'], vname, v['check'])
+            assert v['check']['codes_max_diff'] <= 1 and v['check']['deployed_codes_max_diff'] <= 1
+            if v['form'] == 'fused':
+                assert v['integer_kernels'] == v['quantized_layers'] > 0, (vname, v)
+                assert v['float_kernels'] == 0 and None not in v['expected']
+        assert r['variants']['w4a4 qdq']['integer_kernels'] == 0     # the float-Clip form
+        for bs in ('1', '2'):
+            t = r['latency'][bs]
+            assert set(t) == {'fp32', *r['variants']}
+            assert all(v['median_ms'] > 0 and v['n'] == 2 for v in t.values())
+            assert t['fp32']['ratio'] == 1.0
+    md = (tmp_path / 'results.md').read_text()
+    assert out['machine']['cpu']['model'] in md and 'int8/FP32' in md
+    saved = json.loads((tmp_path / 'results.json').read_text())
+    assert saved['results'][0]['variants']['w4a4 fused']['integer_kernels'] == \
+        out['results'][0]['variants']['w4a4 fused']['integer_kernels']
+
+
+def _calibrated_checkpoint(cfg_path: str, out: str, bits: dict, shape, n: int = 2) -> None:
+    """A RepQ checkpoint of ``cfg_path`` (random weights, LSQ steps calibrated on random
+    images): enough to exercise the tools end to end."""
+    from mmengine.config import Config
+
+    from repq_mm.mm import calibrate_lsq, cli
+    from repq_mm.mm.export import build_repq_model
+    cfg = Config.fromfile(cfg_path)
+    cli.prepare_cfg(cfg)
+    torch.manual_seed(0)
+    model = build_repq_model(cfg, bits)
+    g = torch.Generator().manual_seed(0)
+    batches = [dict(inputs=[torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+                            for _ in range(2)]) for _ in range(n)]
+    calibrate_lsq(model, batches, n, logger=None)
+    torch.save({'state_dict': model.state_dict()}, out)
+
+
+@pytest.mark.skipif(not osp.isfile(FMNIST), reason='needs data/fashion_mnist')
+def test_onnx_eval_fashion_mnist_subset(tmp_path):
+    """``onnx_eval.py CONFIG CKPT MODEL.onnx --export --max-samples 64``: exports (checked on
+    the first test batch), evaluates through onnxruntime with mmpretrain's Accuracy next to
+    the PyTorch merged model; the two agree on (nearly) every label."""
+    pytest.importorskip('mmpretrain')
+    tool = _load_tool('tools/analysis_tools/onnx_eval.py', 'repq_tool_onnx_eval')
+    cfg = osp.join(ROOT, 'configs', 'repvgg_fmnist', 'repvgg-A0w16_repq-bn_w4a4_fmnist.py')
+    ckpt = str(tmp_path / 'q.pth')
+    _calibrated_checkpoint(cfg, ckpt, {}, (1, 32, 32))
+    onnx_path = str(tmp_path / 'q.onnx')
+    res_path = str(tmp_path / 'res.json')
+    assert tool.main([cfg, ckpt, onnx_path, '--export', '--max-samples', '64', '--threads',
+                      '1', '--out', res_path]) == 0
+    res = json.loads(open(res_path).read())
+    assert res['samples'] == 64 and res['kind'] == 'cls' and res['optimized']
+    key = 'accuracy/top1'
+    assert key in res['onnx'] and key in res['torch']
+    assert res['agreement'] >= 62 / 64 and abs(res['diff'][key]) <= 100 * 2 / 64
+    # bad input: a missing ONNX file, exit status 1
+    assert tool.main([cfg, ckpt, str(tmp_path / 'missing.onnx'), '--max-samples', '4']) == 1
+
+
+TREES = osp.join(ROOT, 'data', 'trees', 'annotations', 'instances_val.json')
+
+
+@pytest.mark.skipif(not osp.isfile(TREES), reason='needs data/trees')
+def test_onnx_eval_tree_detector_subset(tmp_path):
+    """The tree detector: onnxruntime head tensors through the head's own ``predict_by_feat``
+    and mmdet's CocoMetric on two validation tiles, next to the PyTorch merged model."""
+    pytest.importorskip('mmdet')
+    from repq_mm.mm import cli
+    from repq_mm.mm.export import evaluate_onnx, export_checkpoint
+    from mmengine.config import Config
+    cfg_path = osp.join(ROOT, 'configs', 'yolov6_trees', 'yolov6-n_repq-bn_w4a4_trees.py')
+    ckpt = str(tmp_path / 'q.pth')
+    _calibrated_checkpoint(cfg_path, ckpt, {}, (3, 416, 416), n=1)
+    cfg = Config.fromfile(cfg_path)
+    cli.prepare_cfg(cfg)
+    onnx_path = str(tmp_path / 'det.onnx')
+    export_checkpoint(cfg, ckpt, onnx_path, input_shape=(1, 3, 416, 416))
+    res = evaluate_onnx(cfg, ckpt, onnx_path, max_samples=2, threads=1)
+    assert res['samples'] == 2 and res['kind'] == 'det'
+    assert 'coco/bbox_mAP' in res['onnx'] and 'coco/bbox_mAP' in res['torch']
+    assert abs(res['diff']['coco/bbox_mAP']) <= 0.01
