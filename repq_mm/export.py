@@ -29,18 +29,22 @@ Two graph forms (``form=``), both computing exactly the LSQ codes of the PyTorch
   weight against 8-bit activations), else int8; the file is then exact on every CPU without
   any session option (onnxruntime's ``session.x64quantprecision=1`` makes the same conversion
   at load time for int8 files);
-* bias: an **int32 initializer** ``round(b / (s_a s_w))`` + ``DequantizeLinear(codes,
-  s_a s_w)`` (per output channel with per-channel weights), the bias input of
-  ``QLinearConv`` / ``QGemm`` (onnxruntime rounds a float bias to this itself when it fuses).
-  Rounding moves an output by at most ``s_a s_w / 2``, far below one activation step;
-  :func:`snap_bias_to_int32` puts a PyTorch model on the same biases;
+* bias of a layer that becomes ``QLinearConv`` / ``QGemm``: an **int32 initializer**
+  ``round(b / (s_a s_w))`` + ``DequantizeLinear(codes, s_a s_w)`` (per output channel with
+  per-channel weights), the bias input of those kernels (onnxruntime rounds a float bias to
+  this itself when it fuses). Rounding moves an output by at most ``s_a s_w / 2``, far below
+  one activation step; :func:`snap_bias_to_int32` puts a PyTorch model on the same biases;
 * a quantized conv whose output does not go straight (or through one ``Relu``) into exactly
   one QuantizeLinear (a network output, a conv feeding a pooling / concat / several
   quantizers) cannot become ``QLinearConv`` (which needs an output scale the PyTorch model
   does not have). It is written as the integer op itself: ``ConvInteger(x codes, w codes)``
-  -> ``Add(int32 bias)`` -> ``Cast`` -> ``Mul(s_a s_w)``: the exact int32 accumulator, then
-  float. Linear layers stay ``DequantizeLinear -> Gemm`` (onnxruntime fuses them into
-  ``QGemm``, with a float output when no QuantizeLinear follows).
+  -> ``Cast`` -> ``Mul(s_a s_w)`` -> ``Add(float32 bias)``: the exact int32 accumulator,
+  then float (no bias rounding). Linear layers stay ``DequantizeLinear -> Gemm``
+  (onnxruntime fuses them into ``QGemm``, with a float output when no QuantizeLinear
+  follows);
+* an inference ``BatchNormalization`` right after a quantized conv (a plain conv + BN
+  module, e.g. a detector head's) is folded into the conv's per-output-channel weight scale
+  and bias, the integer codes unchanged (:func:`_fold_batchnorm`).
 
 ``'qdq'``: the previous, plain QDQ form: every activation quantizer is one adjacent
 ``[Clip ->] QuantizeLinear -> DequantizeLinear`` group (float Clip to ``[-Q_N s, Q_P s]``,
@@ -540,14 +544,18 @@ def _fuses_into_qlinear(G: _Graph, conv) -> bool:
     return zp is not None and str(zp.dtype) == 'uint8' and int(zp.max()) == 0
 
 
-def _fold_batchnorm(proto, recs: list[dict], prefix: str = '') -> int:
+def _fold_batchnorm(proto, recs: list[dict], prefix: str = '',
+                    float_bias: dict | None = None) -> int:
     """Form ``'fused'``: fold an inference ``BatchNormalization`` that follows a quantized
     conv (a plain ``ConvModule`` conv -> BN, e.g. a detector head) into the conv, leaving
     the integer weight codes unchanged: with ``k = gamma / sqrt(var + eps)`` per output
     channel, the weight scale becomes ``s_w |k|`` (per output channel; the codes of a channel
     with ``k < 0`` are negated, which is exact unless a code is the lowest one, -128) and the
     bias ``(b - mean) k + beta``, stored as int32 codes at ``s_a s_w |k|``. The conv can
-    then become ``QLinearConv``. Sets ``rec['folded_bn']``; returns the number folded."""
+    then become ``QLinearConv``. ``float_bias``: ``{layer: float bias}`` of the PyTorch
+    layers (updated with the folded bias, for a ``ConvInteger`` that adds it in float).
+    Sets ``rec['folded_bn']``; returns the number folded."""
+    float_bias = {} if float_bias is None else float_bias
     import numpy as np
     from onnx import helper, numpy_helper
     G = _Graph(proto)
@@ -590,10 +598,8 @@ def _fold_batchnorm(proto, recs: list[dict], prefix: str = '') -> int:
                               (c_out,))
         s_w_new = (s_w * np.abs(k)).astype(np.float32)
         s_x = float(G.const[dx.input[1]].reshape(()))
-        b = np.zeros(c_out)
-        if bias:
-            b = G.const[db.input[0]].astype(np.float64) * \
-                np.broadcast_to(G.const[db.input[1]].astype(np.float64).reshape(-1), (c_out,))
+        b = float_bias.get(rec['layer'])
+        b = np.zeros(c_out) if b is None else b.astype(np.float64)
         b_new = (b - mean) * k + beta
         s_b = (np.float32(s_x) * s_w_new).astype(np.float32)
         b_codes = np.round(b_new / s_b.astype(np.float64))
@@ -632,6 +638,7 @@ def _fold_batchnorm(proto, recs: list[dict], prefix: str = '') -> int:
         rec['folded_bn'] = bn.name or True
         rec['codes_initializer'] = names['w']
         rec['bias'] = 'int32 (BatchNormalization folded)'
+        float_bias[rec['layer']] = b_new.astype(np.float32)
         n_folded += 1
     keep = [n for n in G.g.node if id(n) not in drop]
     del G.g.node[:]
@@ -662,14 +669,17 @@ def _topo_sort(proto) -> None:
     g.node.extend(done)
 
 
-def _integer_rewrite(proto, recs: list[dict], prefix: str = '') -> None:
+def _integer_rewrite(proto, recs: list[dict], prefix: str = '',
+                     float_bias: dict | None = None) -> None:
     """Form ``'fused'``: every quantized conv that onnxruntime cannot fuse into
-    ``QLinearConv`` becomes ``ConvInteger -> Add(int32 bias) -> Cast -> Mul(s_a s_w)``;
+    ``QLinearConv`` becomes ``ConvInteger -> Cast -> Mul(s_a s_w) -> Add(float bias)`` (the
+    bias from ``float_bias``, ``{layer: float32 bias}``: exact, no int32 rounding);
     sets each weight record's ``kernel`` (the integer kernel expected after onnxruntime's
     optimisation: ``QLinearConv`` / ``ConvInteger`` / ``QGemm``, or ``None`` for a layer
     that stays float, e.g. with a per-channel activation quantizer)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
+    float_bias = {} if float_bias is None else float_bias
     G = _Graph(proto)
     by_codes = {r.get('codes_initializer') or _codes_name(prefix, r['layer'], r['storage']): r
                 for r in recs if r['kind'] == 'weight'}
@@ -701,7 +711,7 @@ def _integer_rewrite(proto, recs: list[dict], prefix: str = '') -> None:
             rec['kernel'] = 'QLinearConv'
             new_nodes.append(node)
             continue
-        # ConvInteger(x codes, w codes, x zp, w zp) -> Add(int32 bias) -> Cast -> Mul(scale)
+        # ConvInteger(x codes, w codes, x zp, w zp) -> Cast -> Mul(scale) -> Add(float bias)
         base = node.name or rec['layer']
         w_codes = G.const[dw.input[0]]
         w_zp = G.const[dw.input[2]]
@@ -709,7 +719,7 @@ def _integer_rewrite(proto, recs: list[dict], prefix: str = '') -> None:
             raise ExportError(f'{rec["layer"]}: weight zero points differ between channels')
         c_out = w_codes.shape[0]
         spatial = (1,) * (w_codes.ndim - 2)
-        wzp_name = f'{rec["layer"]}.weight_zero_point'
+        wzp_name = f'{prefix}{rec["layer"]}.weight_zero_point'
         new_inits.append(numpy_helper.from_array(
             np.array(w_zp.flat[0] if w_zp.size else 0, w_zp.dtype), wzp_name))
         y = node.output[0]
@@ -718,25 +728,27 @@ def _integer_rewrite(proto, recs: list[dict], prefix: str = '') -> None:
         new_nodes.append(helper.make_node('ConvInteger', [dx.input[0], dw.input[0],
                                                           dx.input[2], wzp_name], [acc],
                                           name=f'{base}/ConvInteger', **attrs))
-        if bias:
-            b_codes = G.const[db.input[0]].astype(np.int32)
-            s_y = G.const[db.input[1]].astype(np.float32)
-            bname = f'{rec["layer"]}.bias_int32_nchw'
-            new_inits.append(numpy_helper.from_array(b_codes.reshape((c_out,) + spatial),
-                                                     bname))
-            new_nodes.append(helper.make_node('Add', [acc, bname], [f'{acc}_bias'],
-                                              name=f'{base}/AddBias'))
-            acc = f'{acc}_bias'
-        else:
-            s_y = (G.const[dx.input[1]].astype(np.float32) *
-                   G.const[dw.input[1]].astype(np.float32)).astype(np.float32)
-        sname = f'{rec["layer"]}.output_scale'
+        s_y = (G.const[dx.input[1]].astype(np.float32) *
+               G.const[dw.input[1]].astype(np.float32)).astype(np.float32)
+        sname = f'{prefix}{rec["layer"]}.output_scale'
         new_inits.append(numpy_helper.from_array(
             s_y.reshape((1, c_out) + spatial) if s_y.size > 1 else s_y.reshape(()), sname))
         new_nodes.append(helper.make_node('Cast', [acc], [f'{y}_float'], to=TensorProto.FLOAT,
                                           name=f'{base}/Cast'))
-        new_nodes.append(helper.make_node('Mul', [f'{y}_float', sname], [y],
+        b = float_bias.get(rec['layer']) if bias else None
+        if bias and b is None:
+            raise ExportError(f'{rec["layer"]}: no float bias for the ConvInteger form')
+        new_nodes.append(helper.make_node('Mul', [f'{y}_float', sname],
+                                          [y if b is None else f'{y}_scaled'],
                                           name=f'{base}/Scale'))
+        if b is not None:
+            bname = f'{prefix}{rec["layer"]}.bias_float'
+            new_inits.append(numpy_helper.from_array(
+                b.astype(np.float32).reshape((1, c_out) + spatial), bname))
+            new_nodes.append(helper.make_node('Add', [f'{y}_scaled', bname], [y],
+                                              name=f'{base}/AddBias'))
+            rec['bias'] = 'float32 (BatchNormalization folded)' if rec.get('folded_bn') \
+                else 'float32'
         rec['kernel'] = 'ConvInteger'
         dropped.add(id(node))
         for d in (dx, dw, db):                 # DQ nodes nobody else reads
@@ -896,8 +908,11 @@ def export_onnx(model: nn.Module, example_input, path: str, opset: int = DEFAULT
     w_recs = [r for r in recs if r['kind'] == 'weight']
     if form == 'fused':
         prefix = 'model.' if module is not prepared else ''
-        _fold_batchnorm(proto, recs, prefix)
-        _integer_rewrite(proto, recs, prefix)
+        float_bias = {name: m.bias.detach().float().cpu().numpy()
+                      for name, m in prepared.named_modules()
+                      if isinstance(m, (QConv2d, QLinear)) and m.bias is not None}
+        _fold_batchnorm(proto, recs, prefix, float_bias)
+        _integer_rewrite(proto, recs, prefix, float_bias)
         floats = [r['layer'] for r in w_recs if r.get('kernel') is None]
         if floats:
             warnings.warn(f'{len(floats)} quantized layer(s) stay float in the exported graph '

@@ -247,12 +247,13 @@ def bench_model(name: str, args, onnx_dir: str, log) -> dict:
     shape = QUICK_SIZES[name] if args.quick else CONFIGS[name][1]
     res = dict(model=name, config=CONFIGS[name][0], description=CONFIGS[name][2],
                input=list(shape), variants={})
-    sessions, fp32_path = {}, None
+    sessions, fp32_path, built = {}, None, {}
     for mode, form, wd in variants(args):
         vname = _vname(mode, form, wd, args)
-        w_bits, a_bits = MODES[mode]
         t0 = time.perf_counter()
-        model = build_model(name, w_bits, a_bits, shape)
+        if mode not in built:               # one model per mode, shared by its forms
+            built = {mode: build_model(name, *MODES[mode], shape)}
+        model = built[mode]
         example = _inputs(model, shape, 1, 1)
         if fp32_path is None:      # the float reference: the same merged network
             fp32_path = osp.join(onnx_dir, f'{name}_fp32.onnx')
