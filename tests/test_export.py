@@ -186,10 +186,17 @@ def test_export_fused_form_runs_as_integer_kernels(tmp_path, w_bits, a_bits, per
         assert lo.dtype == hi.dtype == np.uint8 and n.name.split('/')[1].startswith('CodeClip')
         src = [m for m in model.graph.node if n.input[0] in m.output][0]
         assert src.op_type == 'QuantizeLinear'
-    # weights: int8 codes, uint8 + 128 exactly where u8 x s8 pairs could pass int16
-    for r in w_recs:
-        assert r['storage'] == ('uint8' if r['bits'] == 8 and r['zero_point'] == 128
-                                else 'int8')
+    # weights: int8 codes; uint8 + 128 where u8 x s8 pairs could pass int16 (8-bit weights
+    # against 8-bit activations) and for ConvInteger (faster in onnxruntime)
+    a_max = [r['stored_range'][1] for r in a_recs]
+    merged = [m for m in merge_model(q).modules() if getattr(m, 'w_quant', None) is not None]
+    for r, layer, amax, m in zip(w_recs, info['layers'], a_max, merged):
+        with torch.no_grad():
+            w_max = int(m.w_quant.quantize_to_codes(m.weight)[0].abs().max())
+        want = 'uint8' if layer['kernel'] == 'ConvInteger' or 2 * w_max * amax > 32767 \
+            else 'int8'
+        assert r['storage'] == layer['weights'] == want, (r, layer)
+        assert r['zero_point'] == (128 if want == 'uint8' else 0)
     # int32 biases for QLinearConv / QGemm; float32 added after ConvInteger (exact)
     assert [r['bias'] for r in w_recs] == (['float32'] * 3 if act_signed is True else
                                            ['int32', 'int32', 'float32']) + ['int32']
@@ -331,8 +338,9 @@ def test_weight_dtype_and_u8s8_saturation(tmp_path):
         results[wd] = (info, compare_onnx(q, path, wide, optimized=True))
     info_auto, res_auto = results['auto']
     # the first layer's codes reach 127 against inputs up to 255: 2 * 127 * 255 > 32767;
-    # the second one's small random-weight codes cannot overflow int16
-    assert [layer['weights'] for layer in info_auto['layers']] == ['uint8', 'int8']
+    # the second one is a network output (ConvInteger: uint8 weights, faster)
+    assert [layer['kernel'] for layer in info_auto['layers']] == ['QLinearConv', 'ConvInteger']
+    assert [layer['weights'] for layer in info_auto['layers']] == ['uint8', 'uint8']
     assert [layer['weights'] for layer in results['int8'][0]['layers']] == ['int8'] * 2
     assert [layer['weights'] for layer in results['uint8'][0]['layers']] == ['uint8'] * 2
     for wd, (info, res) in results.items():
