@@ -18,10 +18,11 @@ and then, in ONE process,
   and the float conv / linear kernels left;
 * runs the layer-by-layer export check (:func:`repq_mm.export.compare_onnx`) in the graph as
   written and in onnxruntime's optimised graph (``--no-check`` skips it);
-* measures latency at each ``--batch-sizes`` with ``--threads`` intra-op threads
-  (inter-op 1, sequential): every repeat runs every session of a model once, the start
-  rotating per repeat (interleaved, so machine drift hits all alike); medians and quartiles;
-  ratios int8 / FP32 of the medians.
+* after all exports, measures latency at each ``--batch-sizes`` with ``--threads``
+  intra-op threads (inter-op 1, sequential): every repeat runs every session of a model
+  once, the start rotating per repeat (interleaved, so machine drift hits all alike);
+  medians and quartiles; ratios int8 / FP32 of the medians. ``--wait-load`` waits for a
+  quiet machine first; the load averages are recorded.
 
 Models (``--models``):
 
@@ -40,7 +41,8 @@ onnxruntime version, threads, load average before / after) into ``--out-dir``.
 
 Examples::
 
-    OMP_NUM_THREADS=2 python tools/analysis_tools/deploy_bench.py --out-dir work_dirs/deploy_bench
+    OMP_NUM_THREADS=2 python tools/analysis_tools/deploy_bench.py --out-dir work_dirs/deploy_bench \
+        --wait-load 0.5
     python tools/analysis_tools/deploy_bench.py --models fmnist --modes w4a4 --forms fused,qdq
     python tools/analysis_tools/deploy_bench.py --quick --out-dir /tmp/db    # a smoke test
 """
@@ -100,6 +102,11 @@ def parse_args(argv=None):
                    help='sessions with session.x64quantprecision=1 (u8u8 instead of '
                    'saturating u8s8 products on x86 without VNNI)')
     p.add_argument('--no-check', action='store_true', help='skip the export check')
+    p.add_argument('--wait-load', type=float,
+                   help='before timing each model, wait until the 1-minute load average is '
+                   'below this (other jobs sharing the CPU distort latency)')
+    p.add_argument('--wait-max', type=float, default=1800,
+                   help='with --wait-load: give up waiting after this many seconds')
     p.add_argument('--quick', action='store_true',
                    help='small inputs, batch sizes 1 and 2, 3 repeats: a smoke test')
     p.add_argument('--out-dir', default='work_dirs/deploy_bench')
@@ -240,7 +247,9 @@ def _vname(mode: str, form: str, wd: str, args) -> str:
     return name
 
 
-def bench_model(name: str, args, onnx_dir: str, log) -> dict:
+def bench_model(name: str, args, onnx_dir: str, log) -> tuple[dict, dict]:
+    """Export and check every variant of one model; returns its results and the
+    onnxruntime sessions to time."""
     from repq_mm.export import (compare_onnx, count_kernels, export_fp32_onnx, export_onnx,
                                 ort_session)
     from repq_mm.mm.export import check_failures
@@ -291,7 +300,26 @@ def bench_model(name: str, args, onnx_dir: str, log) -> dict:
             f'linear kernels left; check '
             f'{v["check"]["passed"] if "check" in v else "skipped"} '
             f'({time.perf_counter() - t0:.1f} s)')
-    res['latency'] = {}
+    return res, sessions
+
+
+def wait_for_quiet(args, log) -> list[float]:
+    """With ``--wait-load``: poll until the 1-minute load average is below it (at most
+    ``--wait-max`` seconds); returns the load averages when timing starts."""
+    if args.wait_load is not None:
+        t0 = time.time()
+        while os.getloadavg()[0] >= args.wait_load and time.time() - t0 < args.wait_max:
+            time.sleep(10)
+        if os.getloadavg()[0] >= args.wait_load:
+            log(f'load average still {_load(os.getloadavg())} after {args.wait_max} s; '
+                'timing anyway')
+    return list(os.getloadavg())
+
+
+def time_model(res: dict, sessions: dict, args, log) -> None:
+    """Latency of every session of one model at each batch size (interleaved)."""
+    shape = res['input']
+    res['latency'], res['load'] = {}, {'start': wait_for_quiet(args, log)}
     for bs in args.batch_sizes:
         reps = args.repeats or (3 if args.quick else (30 if bs == 1 else 10))
         g = torch.Generator().manual_seed(bs)
@@ -302,9 +330,9 @@ def bench_model(name: str, args, onnx_dir: str, log) -> dict:
         for vname, tv in t.items():
             tv['ratio'] = tv['median_ms'] / fp
         res['latency'][str(bs)] = t
-        log(f'{name} batch {bs}: ' + ', '.join(
+        log(f'{res["model"]} batch {bs}: ' + ', '.join(
             f'{n} {tv["median_ms"]:.2f} ms ({tv["ratio"]:.2f}x)' for n, tv in t.items()))
-    return res
+    res['load']['end'] = list(os.getloadavg())
 
 
 def render_markdown(out: dict) -> str:
@@ -327,7 +355,9 @@ def render_markdown(out: dict) -> str:
     for r in out['results']:
         lines += [f'## {r["model"]}: {r["description"]}, input {"x".join(map(str, r["input"]))}',
                   '', f'config: `{r["config"]}`; FP32 model {r["fp32"]["size"] / 1e6:.2f} MB, '
-                  f'{r["fp32"]["kernels"]["float"]} float conv/linear kernels', '']
+                  f'{r["fp32"]["kernels"]["float"]} float conv/linear kernels; load average '
+                  f'while timing: {_load(r["load"]["start"])} at start, '
+                  f'{_load(r["load"]["end"])} at end', '']
         bss = list(r['latency'])
         head = ('| variant | weights | integer kernels / quantized layers | float conv/linear '
                 'left | size MB | check (codes off, written / optimised graph) | ' +
@@ -374,8 +404,10 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir = str(out_dir / 'onnx') if args.keep_onnx else tmp
         os.makedirs(onnx_dir, exist_ok=True)
-        for name in args.models:
-            out['results'].append(bench_model(name, args, onnx_dir, log))
+        prepared = [bench_model(name, args, onnx_dir, log) for name in args.models]
+        for res, sessions in prepared:      # all exports and checks first, then timing
+            time_model(res, sessions, args, log)
+            out['results'].append(res)
     out['machine']['loadavg_end'] = list(os.getloadavg())
     with open(out_dir / 'results.json', 'w') as f:
         json.dump(out, f, indent=1)
