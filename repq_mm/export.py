@@ -283,22 +283,41 @@ def _layer_quantizers(model: nn.Module):
     return out
 
 
-def _int32_bias_scale(name: str, layer: nn.Module):
+_INT32_BIAS_LIMIT = 2 ** 30   # |bias code| bound: leaves int32 headroom for the accumulator
+
+
+@torch.no_grad()
+def _int32_bias_scale(name: str, layer: nn.Module, with_weight_scale: bool = False):
     """``s_a s_w`` (per output channel with per-channel weights) for a layer whose bias is
     stored as int32 codes: one with a bias, a weight quantizer and a per-tensor activation
-    quantizer; ``None`` for other layers. Raises when a code would not fit int32."""
+    quantizer; ``None`` for other layers (``with_weight_scale``: ``(s_b, s_w)``).
+
+    An output channel whose weight codes are all zero (a dead channel; LSQ then drives its
+    step towards 0) may have a bias that does not fit at ``s_a s_w``; any weight scale gives
+    it the same (zero) weights, so its ``s_w`` is raised until ``|b| / (s_a s_w) = 2^30``.
+    Raises when a channel with non-zero codes has a bias code beyond ``2^30``."""
     aq, wq = layer.a_quant, layer.w_quant
     if layer.bias is None or wq is None or aq is None or not aq.enabled or aq.per_channel:
         return None
     if not aq.is_initialized:
         raise ExportError(f'{name}: activation quantizer not initialised')
-    s_w = wq.scale().detach().float()
+    dev = layer.bias.device
+    s_w = wq.scale().detach().float().to(dev)
     if not wq.per_channel:
         s_w = s_w.reshape(())              # per tensor: a scalar bias scale
-    s_b = (aq.scale().detach().float().reshape(()) * s_w).to(layer.bias.device)
-    if (layer.bias.detach().float() / s_b).abs().max() > float(2 ** 31 - 1):
-        raise ExportError(f'{name}: bias does not fit int32 at scale s_a s_w')
-    return s_b
+    s_a = aq.scale().detach().float().reshape(()).to(dev)
+    b = layer.bias.detach().float()
+    over = (b / (s_a * s_w)).abs() > _INT32_BIAS_LIMIT
+    if bool(over.any()):
+        codes, _ = wq.quantize_to_codes(layer.weight.detach().float())
+        zero = (codes.flatten(1) == 0).all(1) if s_w.dim() else (codes == 0).all().reshape(())
+        if bool((over & ~zero).any()):
+            bad = torch.nonzero((over & ~zero).reshape(-1)).flatten().tolist()[:8]
+            raise ExportError(f'{name}: bias does not fit int32 at scale s_a s_w (output '
+                              f'channel(s) {bad})')
+        s_w = torch.where(over, b.abs() / (s_a * _INT32_BIAS_LIMIT), s_w)
+    s_b = s_a * s_w
+    return (s_b, s_w) if with_weight_scale else s_b
 
 
 @torch.no_grad()
@@ -370,6 +389,9 @@ def quantized_export_mode(model: nn.Module, int32_bias: bool = False, form: str 
                 # a (persistent) buffer: exported as the initializer '<layer>.weight_[u]int8'
                 layer.register_buffer(attr, stored.to(layer.weight.device))
                 scale = s.to(layer.weight.device)
+                s_bw = _int32_bias_scale(name, layer, True) if int32_bias else None
+                if s_bw is not None:          # dead channels: a scale their bias fits
+                    scale = s_bw[1].reshape(scale.shape).to(scale)
 
                 def qweight(layer=layer, scale=scale, axis=axis, attr=attr, zp=128 if u8 else 0):
                     return _WeightDQ.apply(getattr(layer, attr), scale, axis, zp)
@@ -377,7 +399,7 @@ def quantized_export_mode(model: nn.Module, int32_bias: bool = False, form: str 
                 undo.append(lambda layer=layer, attr=attr: (
                     layer.__dict__.pop('quantized_weight', None),
                     layer._buffers.pop(attr, None)))
-                s_b = _int32_bias_scale(name, layer) if int32_bias else None
+                s_b = None if s_bw is None else s_bw[0]
                 rec['bias'] = None if layer.bias is None else 'float32'
                 if s_b is not None:
                     b = layer.bias.detach().float() / s_b
@@ -602,10 +624,14 @@ def _fold_batchnorm(proto, recs: list[dict], prefix: str = '',
         b = float_bias.get(rec['layer'])
         b = np.zeros(c_out) if b is None else b.astype(np.float64)
         b_new = (b - mean) * k + beta
+        over = np.abs(b_new / (np.float64(np.float32(s_x)) * s_w_new)) > _INT32_BIAS_LIMIT
+        dead = (signed.reshape(c_out, -1) == 0).all(1)
+        if (over & ~dead).any():
+            continue                         # the bias does not fit int32: keep the BN
+        s_w_new = np.where(over, np.abs(b_new) / (np.float32(s_x) * _INT32_BIAS_LIMIT),
+                           s_w_new).astype(np.float32)     # dead channels: any scale
         s_b = (np.float32(s_x) * s_w_new).astype(np.float32)
         b_codes = np.round(b_new / s_b.astype(np.float64))
-        if np.abs(b_codes).max() > 2 ** 31 - 1:
-            continue
         layer = rec['layer']
         names = dict(w=_codes_name(prefix, f'{layer}.bn_folded' if layer else 'bn_folded',
                                    rec['storage']), ws=f'{prefix}{layer}.weight_scale_bn',

@@ -715,3 +715,35 @@ def test_onnx_eval_tree_detector_subset(tmp_path):
     assert res['samples'] == 2 and res['kind'] == 'det'
     assert 'coco/bbox_mAP' in res['onnx'] and 'coco/bbox_mAP' in res['torch']
     assert abs(res['diff']['coco/bbox_mAP']) <= 0.01
+
+
+def test_dead_channel_bias_fits_int32(tmp_path):
+    """An output channel with all-zero weights (LSQ drives its step to ~0): its int32 bias
+    would overflow at s_a s_w; the export gives that channel a weight scale its bias fits
+    (the weights stay 0) and stays exact. A live channel that overflows is an error."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    q = convert_to_repq(net, w_bits=8, a_bits=8, per_channel=True)
+    x = to_input(fmnist_images(4, 80))
+    q.train()(x)
+    q.eval()
+    with torch.no_grad():
+        q[0].weight[2].zero_()
+        q[0].w_quant.step[2] = 1e-8          # a dead channel (the smallest LSQ step)
+        q[0].bias[2] = 3.0                   # 3 / (s_a 1e-8) > 2^30
+    s_a = float(q[0].a_quant.scale().detach())
+    assert 3.0 / (s_a * 1e-8) > 2 ** 30
+    path = str(tmp_path / 'dead.onnx')
+    info = export_onnx(q, x[:1], path)
+    assert info['layers'][0]['bias'] == 'int32'
+    _, inits = _initializers(path)
+    b_codes = onnx.numpy_helper.to_array(inits['0.bias_int32'])
+    assert abs(int(b_codes[2])) == 2 ** 30 and np.abs(b_codes).max() == 2 ** 30
+    res = compare_onnx(q, path, x, optimized=True)
+    assert res['within_one_step'] and res['deployed']['within_one_step']
+    assert all(v['max_diff'] <= 1 for v in res['act_codes'].values())
+    with torch.no_grad():
+        q[0].weight[2, 0, 0, 0] = 1e-8       # now a live channel (code 1): cannot fit
+    with pytest.raises(ExportError,
+                       match=r'0.w_quant: bias does not fit int32.*channel\(s\) \[2\]'):
+        export_onnx(q, x[:1], str(tmp_path / 'bad.onnx'))
