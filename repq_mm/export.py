@@ -389,7 +389,13 @@ def quantized_export_mode(model: nn.Module, int32_bias: bool = False, form: str 
                 # a (persistent) buffer: exported as the initializer '<layer>.weight_[u]int8'
                 layer.register_buffer(attr, stored.to(layer.weight.device))
                 scale = s.to(layer.weight.device)
-                s_bw = _int32_bias_scale(name, layer, True) if int32_bias else None
+                overflow = None
+                try:
+                    s_bw = _int32_bias_scale(name, layer, True) if int32_bias else None
+                except ExportError as e:      # a live channel whose bias code passes 2^30
+                    if form != 'fused':
+                        raise
+                    s_bw, overflow = None, str(e)
                 if s_bw is not None:          # dead channels: a scale their bias fits
                     scale = s_bw[1].reshape(scale.shape).to(scale)
 
@@ -401,6 +407,10 @@ def quantized_export_mode(model: nn.Module, int32_bias: bool = False, form: str 
                     layer._buffers.pop(attr, None)))
                 s_b = None if s_bw is None else s_bw[0]
                 rec['bias'] = None if layer.bias is None else 'float32'
+                if overflow:                  # kept float: added after ConvInteger, exact
+                    rec['bias_note'] = overflow
+                    warnings.warn(f'{overflow}: its bias stays float32 (the layer cannot be '
+                                  'QLinearConv / QGemm)')
                 if s_b is not None:
                     b = layer.bias.detach().float() / s_b
                     layer.register_buffer(_BIAS_CODES, torch.round(b).to(torch.int32))
@@ -727,16 +737,17 @@ def _integer_rewrite(proto, recs: list[dict], prefix: str = '',
         db = G.prod.get(bias) if bias else None
         x_ok = dx is not None and dx.op_type == 'DequantizeLinear' and \
             G.const.get(dx.input[1]) is not None and G.const[dx.input[1]].ndim == 0
-        b_ok = bias is None or (db is not None and db.op_type == 'DequantizeLinear')
-        if not (x_ok and b_ok):
-            rec['kernel'] = None                 # float: no per-tensor integer input
+        int_bias = bias is None or (db is not None and db.op_type == 'DequantizeLinear')
+        float_b = not int_bias and rec['layer'] in float_bias and node.op_type == 'Conv'
+        if not x_ok or not (int_bias or float_b):
+            rec['kernel'] = None       # float: no per-tensor integer input / no int32 bias
             new_nodes.append(node)
             continue
         if node.op_type == 'Gemm':
             rec['kernel'] = 'QGemm'
             new_nodes.append(node)
             continue
-        if _fuses_into_qlinear(G, node):
+        if int_bias and _fuses_into_qlinear(G, node):
             rec['kernel'] = 'QLinearConv'
             new_nodes.append(node)
             continue

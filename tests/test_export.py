@@ -720,7 +720,8 @@ def test_onnx_eval_tree_detector_subset(tmp_path):
 def test_dead_channel_bias_fits_int32(tmp_path):
     """An output channel with all-zero weights (LSQ drives its step to ~0): its int32 bias
     would overflow at s_a s_w; the export gives that channel a weight scale its bias fits
-    (the weights stay 0) and stays exact. A live channel that overflows is an error."""
+    (the weights stay 0) and stays exact. A live channel that overflows keeps its float bias
+    behind ConvInteger in the fused form (exact) and is an error in the qdq form."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
     q = convert_to_repq(net, w_bits=8, a_bits=8, per_channel=True)
@@ -744,6 +745,16 @@ def test_dead_channel_bias_fits_int32(tmp_path):
     assert all(v['max_diff'] <= 1 for v in res['act_codes'].values())
     with torch.no_grad():
         q[0].weight[2, 0, 0, 0] = 1e-8       # now a live channel (code 1): cannot fit
+    # fused form: the layer keeps its float bias, added after ConvInteger (exact)
+    with pytest.warns(UserWarning, match=r'0.w_quant: bias does not fit int32.*channel\(s\) '
+                      r'\[2\].*stays float32'):
+        info = export_onnx(q, x[:1], str(tmp_path / 'live.onnx'))
+    assert info['layers'][0]['kernel'] == 'ConvInteger'
+    assert info['layers'][0]['bias'] == 'float32'
+    res = compare_onnx(q, str(tmp_path / 'live.onnx'), x, optimized=True)
+    assert res['within_one_step'] and res['deployed']['within_one_step']
+    assert count_kernels(str(tmp_path / 'live.onnx'))['float'] == 0
+    # the qdq form with int32 biases cannot: an error naming the layer and the channel
     with pytest.raises(ExportError,
                        match=r'0.w_quant: bias does not fit int32.*channel\(s\) \[2\]'):
-        export_onnx(q, x[:1], str(tmp_path / 'bad.onnx'))
+        export_onnx(q, x[:1], str(tmp_path / 'bad.onnx'), form='qdq', int32_bias=True)
