@@ -420,12 +420,22 @@ def evaluate_onnx(cfg: Config, checkpoint: str, onnx_path: str,
     PyTorch merged fake-quant model (``mode='predict'``). The onnxruntime outputs go through
     the model's own post-processing (:class:`OnnxPredictor`). Returns
     ``dict(onnx={metric: value}, torch={...}, diff={...}, samples, agreement)``
-    (``agreement``: share of samples with the same top-1 label, classifiers only).
+    (``agreement``: share of samples with the same top-1 label, classifiers only), and the
+    same for the PyTorch model with its biases on the file's int32 grid
+    (``torch_int32_bias``, ``agreement_int32_bias``; the layers stored with int32 biases,
+    :func:`~repq_mm.export.snap_bias_to_int32`; ``None`` when the file has none): the model
+    the file computes, up to float summation order (a BatchNormalization folded into a
+    conv's int32 bias has no PyTorch counterpart and is not snapped).
     """
     import onnx
 
-    from ..export import ort_session
+    from ..export import ort_session, read_quantizer_records
     model, _ = build_merged_model(cfg, checkpoint)
+    snapped = None
+    layers = _int32_layers(read_quantizer_records(onnx_path)) if osp.isfile(onnx_path) else []
+    if layers:           # the PyTorch model on the file's int32 biases, where it has them
+        snapped = copy.deepcopy(model)
+        snap_bias_to_int32(snapped, layers)
     if not osp.isfile(onnx_path):
         raise ExportError(f'ONNX model {onnx_path} does not exist')
     sess = ort_session(onnx_path, optimize, threads, precise_u8s8=precise_u8s8)
@@ -436,8 +446,9 @@ def evaluate_onnx(cfg: Config, checkpoint: str, onnx_path: str,
     n_out = len(onnx.load(onnx_path, load_external_data=False).graph.output)
     loader = _test_loader(cfg, max_samples)
     ev_onnx, ev_torch = _evaluator(cfg, loader.dataset), _evaluator(cfg, loader.dataset)
+    ev_snap = _evaluator(cfg, loader.dataset) if snapped is not None else None
     predictor = OnnxPredictor(model)
-    n = same = 0
+    n = same = same_snap = 0
     t0 = time.perf_counter()
     for i, data_batch in enumerate(loader):
         data = model.data_preprocessor(data_batch, False)
@@ -452,18 +463,29 @@ def evaluate_onnx(cfg: Config, checkpoint: str, onnx_path: str,
             raise ExportError(f'{onnx_path}: {len(outs)} outputs, {n_out} declared')
         p_onnx = predictor(inputs, copy.deepcopy(samples), outs)
         p_torch = model(inputs, copy.deepcopy(samples), mode='predict')
-        ev_onnx.process(data_samples=p_onnx, data_batch=data_batch)
-        ev_torch.process(data_samples=p_torch, data_batch=data_batch)
+        p_snap = None if snapped is None else \
+            snapped(inputs, copy.deepcopy(samples), mode='predict')
         if predictor.kind == 'cls':
             same += sum(int(a.pred_label.item() == b.pred_label.item())
                         for a, b in zip(p_onnx, p_torch))
+            if p_snap is not None:
+                same_snap += sum(int(a.pred_label.item() == b.pred_label.item())
+                                 for a, b in zip(p_onnx, p_snap))
+        ev_onnx.process(data_samples=p_onnx, data_batch=data_batch)
+        ev_torch.process(data_samples=p_torch, data_batch=data_batch)
+        if p_snap is not None:
+            ev_snap.process(data_samples=p_snap, data_batch=data_batch)
         n += inputs.shape[0]
         if log and (i + 1) % 20 == 0:
             log(f'{n} samples, {time.perf_counter() - t0:.0f} s')
     m_onnx, m_torch = ev_onnx.evaluate(n), ev_torch.evaluate(n)
+    m_snap = ev_snap.evaluate(n) if ev_snap is not None else None
     diff = {k: float(m_onnx[k]) - float(m_torch[k]) for k in m_onnx
             if k in m_torch and isinstance(m_onnx[k], (int, float))}
+    cls = predictor.kind == 'cls' and n
     return dict(onnx=m_onnx, torch=m_torch, diff=diff, samples=n,
-                agreement=same / n if predictor.kind == 'cls' and n else None,
+                torch_int32_bias=m_snap, int32_bias_layers=len(layers),
+                agreement=same / n if cls else None,
+                agreement_int32_bias=same_snap / n if cls and snapped is not None else None,
                 kind=predictor.kind, onnx_path=osp.abspath(onnx_path),
                 optimized=optimize, threads=threads, seconds=time.perf_counter() - t0)

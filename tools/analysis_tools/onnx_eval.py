@@ -15,7 +15,8 @@ test pipeline and the model's data preprocessor once; the tensor is run by onnxr
 through the model's own post-processing (a classifier head's ``_get_predictions``, a
 detector head's ``predict_by_feat`` + ``add_pred_to_datasample``) into the config's test
 evaluator (mmpretrain ``Accuracy``, mmdet ``CocoMetric`` ...), the PyTorch predictions into a
-second one; both are printed with their difference. ``--export`` first writes MODEL.onnx
+second one; both are printed with their difference, next to the PyTorch model with its biases
+rounded to the file's int32 grid (what the integer kernels add: the model the file computes). ``--export`` first writes MODEL.onnx
 (``tools/export_onnx.py``'s export, checked on the first test batch). ``--max-samples``:
 only the first N test samples (CocoMetric still scores every image of its annotation file,
 so a subset's mAP is only comparable between the two engines). Exit status 1 on bad input.
@@ -89,12 +90,17 @@ def main(argv=None) -> int:
     print(f'{res["samples"]} test samples; {engine}, {args.threads} thread(s), '
           f'{res["seconds"]:.0f} s')
     w = max(len(k) for k in res['diff']) if res['diff'] else 10
-    print(f'{"metric":{w}s}  {"onnxruntime":>12s}  {"PyTorch":>12s}  {"difference":>11s}')
+    snap = res['torch_int32_bias']
+    print(f'{"metric":{w}s}  {"onnxruntime":>12s}  {"PyTorch":>12s}  {"difference":>11s}'
+          + (f'  {"PyTorch, int32 biases":>22s}' if snap else ''))
     for k, d in res['diff'].items():
         print(f'{k:{w}s}  {float(res["onnx"][k]):12.4f}  {float(res["torch"][k]):12.4f}  '
-              f'{d:+11.4f}')
+              f'{d:+11.4f}' + (f'  {float(snap[k]):22.4f}' if snap and k in snap else ''))
     if res['agreement'] is not None:
         print(f'top-1 label agreement onnxruntime / PyTorch: {res["agreement"]:.4%}')
+    if res['agreement_int32_bias'] is not None:
+        print(f'top-1 label agreement onnxruntime / PyTorch with the file\'s int32 biases '
+              f'({res["int32_bias_layers"]} layers): {res["agreement_int32_bias"]:.4%}')
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(res, f, indent=1, default=float)
