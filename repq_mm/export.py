@@ -30,11 +30,15 @@ Two graph forms (``form=``), both computing exactly the LSQ codes of the PyTorch
   ``ConvInteger`` is about 2.5x slower than its uint8 one on AVX2), else int8; the file is
   then exact on every CPU without any session option (onnxruntime's
   ``session.x64quantprecision=1`` makes the same conversion at load time for int8 files);
-* bias of a layer that becomes ``QLinearConv`` / ``QGemm``: an **int32 initializer**
-  ``round(b / (s_a s_w))`` + ``DequantizeLinear(codes, s_a s_w)`` (per output channel with
-  per-channel weights), the bias input of those kernels (onnxruntime rounds a float bias to
-  this itself when it fuses). Rounding moves an output by at most ``s_a s_w / 2``, far below
-  one activation step; :func:`snap_bias_to_int32` puts a PyTorch model on the same biases;
+* bias of a conv that becomes ``QLinearConv``: an **int32 initializer** ``round(b / s_b)``
+  + ``DequantizeLinear(codes, s_b)`` at the accumulator's scale ``s_b = s_a s_w``, the bias
+  input of that kernel (onnxruntime rounds a float bias to this itself when it fuses).
+  Rounding moves an output by up to ``s_b / 2``; to make that small the weight codes are
+  stored multiplied by a per-channel integer ``F`` (weight scale ``s_w / F``, the same
+  products: :func:`_code_factor`, e.g. ``F = 15`` for 4-bit weights), so the bias grid is
+  ``F`` times finer. :func:`snap_bias_to_int32` puts a PyTorch model on the same biases.
+  Linear layers become ``QGemm`` without its int32 ``C`` input, the float32 bias added after
+  (exact);
 * a quantized conv whose output does not go straight (or through one ``Relu``) into exactly
   one QuantizeLinear (a network output, a conv feeding a pooling / concat / several
   quantizers) cannot become ``QLinearConv`` (which needs an output scale the PyTorch model
@@ -286,11 +290,18 @@ def _layer_quantizers(model: nn.Module):
 _INT32_BIAS_LIMIT = 2 ** 30   # |bias code| bound: leaves int32 headroom for the accumulator
 
 
+def _per_channel(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A scalar or ``(n,)`` tensor as ``(n,)``."""
+    return t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(n)
+
+
 @torch.no_grad()
-def _int32_bias_scale(name: str, layer: nn.Module, with_weight_scale: bool = False):
-    """``s_a s_w`` (per output channel with per-channel weights) for a layer whose bias is
-    stored as int32 codes: one with a bias, a weight quantizer and a per-tensor activation
-    quantizer; ``None`` for other layers (``with_weight_scale``: ``(s_b, s_w)``).
+def _int32_bias_scale(name: str, layer: nn.Module, with_weight_scale: bool = False,
+                      factor=None):
+    """``s_a s_w / F`` (per output channel with per-channel weights or a code factor ``F``,
+    see :func:`_code_factor`) for a layer whose bias is stored as int32 codes: one with a
+    bias, a weight quantizer and a per-tensor activation quantizer; ``None`` for other
+    layers (``with_weight_scale``: ``(s_b, s_w / F)``).
 
     An output channel whose weight codes are all zero (a dead channel; LSQ then drives its
     step towards 0) may have a bias that does not fit at ``s_a s_w``; any weight scale gives
@@ -305,6 +316,13 @@ def _int32_bias_scale(name: str, layer: nn.Module, with_weight_scale: bool = Fal
     s_w = wq.scale().detach().float().to(dev)
     if not wq.per_channel:
         s_w = s_w.reshape(())              # per tensor: a scalar bias scale
+    if factor is not None:
+        f = torch.as_tensor(factor, dtype=torch.float32, device=dev)
+        n_out = layer.weight.shape[0]
+        if f.numel() > 1 or s_w.dim():
+            s_w = _per_channel(s_w, n_out) / _per_channel(f, n_out)
+        else:
+            s_w = s_w / f.reshape(())
     s_a = aq.scale().detach().float().reshape(()).to(dev)
     b = layer.bias.detach().float()
     over = (b / (s_a * s_w)).abs() > _INT32_BIAS_LIMIT
@@ -321,17 +339,49 @@ def _int32_bias_scale(name: str, layer: nn.Module, with_weight_scale: bool = Fal
 
 
 @torch.no_grad()
-def snap_bias_to_int32(model: nn.Module, layers: Iterable[str] | None = None) -> int:
+def _code_factor(layer: nn.Module, codes: torch.Tensor, a_max: int, u8: bool):
+    """Per output channel the largest integer ``F`` such that the weight codes times ``F``
+    still fit the int8 range (``|F c| <= 127``), u8 x s8 products cannot saturate
+    (``2 F max|c| a_max <= 32767``, int8 storage) and the int32 bias code at scale
+    ``s_a s_w / F`` stays below ``2^30``. Storing ``F c`` with weight scale ``s_w / F``
+    gives the same products up to the factor ``F`` in the integer accumulator, but an
+    ``F`` times finer int32 bias grid (``QLinearConv`` / ``QGemm`` take the bias at the
+    accumulator's scale): the bias rounding error shrinks ``F``-fold (e.g. 15 for 4-bit
+    weights against 4-bit activations). Dead channels (all codes 0) get 1."""
+    m = codes.flatten(1).abs().amax(1).to(torch.int64)
+    mm = m.clamp(min=1)
+    f = 127 // mm
+    if not u8:
+        f = torch.minimum(f, _INT16_MAX // (2 * a_max * mm))
+    if layer.bias is not None:
+        s_w = _per_channel(layer.w_quant.scale().detach().float(), codes.shape[0])
+        s_a = layer.a_quant.scale().detach().float().reshape(())
+        b = layer.bias.detach().float().abs().clamp(min=1e-30)
+        room = torch.floor(_INT32_BIAS_LIMIT * s_a * s_w / b).clamp(min=1, max=127)
+        f = torch.minimum(f, room.to(torch.int64))
+    f = torch.where(m == 0, torch.ones_like(f), f)
+    return f.clamp(min=1)
+
+
+def _factor_value(f) -> int | list[int]:
+    f = [int(v) for v in torch.as_tensor(f).reshape(-1)]
+    return f[0] if len(set(f)) == 1 else f
+
+
+@torch.no_grad()
+def snap_bias_to_int32(model: nn.Module, layers=None) -> int:
     """Put the bias of every layer exported with an int32 bias on its grid,
-    ``round(b / (s_a s_w)) * s_a s_w``, in place: the PyTorch model that the integer ONNX
-    model computes. ``layers``: the layer names to snap (e.g. those of an exported file,
-    :func:`read_quantizer_records`); default every layer that can have one. Returns the
-    number of layers changed."""
-    wanted = None if layers is None else set(layers)
+    ``round(b / s_b) * s_b`` with ``s_b = s_a s_w / F``, in place: the PyTorch model that the
+    integer ONNX model computes. ``layers``: the layers to snap, a dict ``{name: code factor
+    F}`` (the records' ``code_factor``, see :func:`read_quantizer_records`) or names
+    (``F = 1``); default every layer that can have one, ``F = 1``. Returns the number of
+    layers changed."""
+    if layers is not None and not isinstance(layers, dict):
+        layers = {name: 1 for name in layers}
     n = 0
     for name, m in model.named_modules():
-        if isinstance(m, (QConv2d, QLinear)) and (wanted is None or name in wanted):
-            s_b = _int32_bias_scale(name, m)
+        if isinstance(m, (QConv2d, QLinear)) and (layers is None or name in layers):
+            s_b = _int32_bias_scale(name, m, factor=None if layers is None else layers[name])
             if s_b is not None:
                 m.bias.copy_(torch.round(m.bias.float() / s_b) * s_b)
                 n += 1
@@ -381,6 +431,15 @@ def quantized_export_mode(model: nn.Module, int32_bias: bool = False, form: str 
                     weight_dtype == 'auto' and
                     2 * wmax * _max_stored_act(layer, form) > _INT16_MAX)
                 rec.update(storage='uint8' if u8 else 'int8', zero_point=128 if u8 else 0)
+                aq = layer.a_quant
+                factor = None
+                if form == 'fused' and aq is not None and aq.enabled and not aq.per_channel:
+                    f = _code_factor(layer, codes, _max_stored_act(layer, form), u8)
+                    if bool((f > 1).any()):
+                        factor = f
+                        codes = (codes.to(torch.int16) *
+                                 f.reshape([-1] + [1] * (codes.dim() - 1))).to(torch.int8)
+                        rec['code_factor'] = _factor_value(f)
                 attr = _CODES_U8 if u8 else _CODES
                 for a in (_CODES, _CODES_U8):
                     if hasattr(layer, a):
@@ -389,9 +448,13 @@ def quantized_export_mode(model: nn.Module, int32_bias: bool = False, form: str 
                 # a (persistent) buffer: exported as the initializer '<layer>.weight_[u]int8'
                 layer.register_buffer(attr, stored.to(layer.weight.device))
                 scale = s.to(layer.weight.device)
+                if factor is not None:        # weight scale s_w / F, per output channel
+                    scale = _per_channel(scale, codes.shape[0]) / factor.to(scale)
+                    axis = 0
                 overflow = None
                 try:
-                    s_bw = _int32_bias_scale(name, layer, True) if int32_bias else None
+                    s_bw = _int32_bias_scale(name, layer, True, factor) if int32_bias \
+                        else None
                 except ExportError as e:      # a live channel whose bias code passes 2^30
                     if form != 'fused':
                         raise
@@ -738,14 +801,31 @@ def _integer_rewrite(proto, recs: list[dict], prefix: str = '',
         x_ok = dx is not None and dx.op_type == 'DequantizeLinear' and \
             G.const.get(dx.input[1]) is not None and G.const[dx.input[1]].ndim == 0
         int_bias = bias is None or (db is not None and db.op_type == 'DequantizeLinear')
-        float_b = not int_bias and rec['layer'] in float_bias and node.op_type == 'Conv'
+        float_b = not int_bias and rec['layer'] in float_bias
         if not x_ok or not (int_bias or float_b):
             rec['kernel'] = None       # float: no per-tensor integer input / no int32 bias
             new_nodes.append(node)
             continue
         if node.op_type == 'Gemm':
+            # QGemm (float output) without C, then the float32 bias: exact (an int32 C
+            # would round it to the s_a s_w grid)
             rec['kernel'] = 'QGemm'
             new_nodes.append(node)
+            if bias:
+                b = float_bias.get(rec['layer'])
+                if b is None:
+                    raise ExportError(f'{rec["layer"]}: no float bias for the Gemm')
+                y = node.output[0]
+                node.output[0] = f'{y}_nobias'
+                del node.input[2:]
+                bname = f'{prefix}{rec["layer"]}.bias_float'
+                new_inits.append(numpy_helper.from_array(b.astype(np.float32), bname))
+                new_nodes.append(helper.make_node('Add', [f'{y}_nobias', bname], [y],
+                                                  name=f'{node.name or rec["layer"]}/AddBias'))
+                rec['bias'] = 'float32'
+                if db is not None and len(G.cons[db.output[0]]) == 1 and \
+                        db.output[0] not in G.outputs:
+                    dropped.add(id(db))
             continue
         if int_bias and _fuses_into_qlinear(G, node):
             rec['kernel'] = 'QLinearConv'
@@ -1124,9 +1204,10 @@ def run_onnx(path: str, *inputs, optimize: bool = False, threads: int = 1) -> li
     return sess.run(None, feeds)
 
 
-def _int32_layers(recs: list[dict]) -> list[str]:
-    return [r.get('layer', r['name'].rsplit('.', 1)[0]) for r in recs
-            if r['kind'] == 'weight' and r.get('bias') == 'int32']
+def _int32_layers(recs: list[dict]) -> dict:
+    """``{layer: code factor}`` of the layers a file stores int32 biases for."""
+    return {r.get('layer', r['name'].rsplit('.', 1)[0]): r.get('code_factor', 1) for r in recs
+            if r['kind'] == 'weight' and r.get('bias') == 'int32'}
 
 
 @torch.no_grad()

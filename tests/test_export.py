@@ -197,9 +197,27 @@ def test_export_fused_form_runs_as_integer_kernels(tmp_path, w_bits, a_bits, per
             else 'int8'
         assert r['storage'] == layer['weights'] == want, (r, layer)
         assert r['zero_point'] == (128 if want == 'uint8' else 0)
-    # int32 biases for QLinearConv / QGemm; float32 added after ConvInteger (exact)
+    # int32 biases for QLinearConv; float32 added after ConvInteger and QGemm (exact)
     assert [r['bias'] for r in w_recs] == (['float32'] * 3 if act_signed is True else
-                                           ['int32', 'int32', 'float32']) + ['int32']
+                                           ['int32', 'int32', 'float32']) + ['float32']
+    # QLinearConv biases: int32 codes at s_a s_w / F, F the code factor of the weights
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    modules = dict(merge_model(q).named_modules())
+    for r, layer in zip(w_recs, info['layers']):
+        if r['bias'] != 'int32':
+            continue
+        mod = modules[layer['name']]
+        f = np.broadcast_to(np.asarray(r.get('code_factor', 1)), (mod.weight.shape[0],))
+        s_b = float(mod.a_quant.scale().detach()) * mod.w_quant.scale().detach().numpy() / f
+        np.testing.assert_array_equal(inits[f'{layer["name"]}.bias_int32'],
+                                      np.round(mod.bias.detach().numpy() / s_b))
+        stored = inits[f'{layer["name"]}.weight_{r["storage"]}'].astype(np.int64) - \
+            r['zero_point']
+        with torch.no_grad():
+            codes = mod.w_quant.quantize_to_codes(mod.weight)[0].numpy()
+        np.testing.assert_array_equal(stored, codes * f.reshape(-1, 1, 1, 1))
+        assert np.abs(stored).max() <= 127 and f.min() >= 1
+        assert r['bits'] == 8 or f.min() > 1        # 4-bit codes: a finer bias grid
     # onnxruntime: every quantized layer an integer kernel, no float conv / linear left
     # (with signed codes after the ReLUs the ReLU is not implied by the zero point, so those
     # convs are ConvInteger)
@@ -220,7 +238,10 @@ def test_export_fused_form_runs_as_integer_kernels(tmp_path, w_bits, a_bits, per
     dep = res['deployed']
     assert dep['within_one_step'] and all(v['max_diff'] <= 1 for v in dep['act_codes'].values())
     assert dep['kernels']['integer'] == 4 and dep['kernels']['float'] == 0
-    assert 0 <= res['bias_effect'] <= res['one_step']
+    if 'int32' in [r['bias'] for r in w_recs]:
+        assert 0 <= res['bias_effect'] <= res['one_step']
+    else:
+        assert res['bias_effect'] is None                  # nothing rounded
     # the integer Clips do the LSQ clamping: without them the codes leave the LSQ range
     if any(r['clip'] and r['bits'] < 8 for r in a_recs[1:]):
         from repq_mm.mm.export import check_failures
@@ -290,7 +311,10 @@ def test_batchnorm_after_quantized_conv_is_folded(tmp_path):
     with torch.no_grad():
         codes, _ = q[0].w_quant.quantize_to_codes(q[0].weight)
     sign = np.where(q[1].weight.detach().numpy() < 0, -1, 1).reshape(-1, 1, 1, 1)
-    np.testing.assert_array_equal(folded, codes.numpy() * sign)
+    factor = [r for r in info['quantizers'] if r['kind'] == 'weight'][0]['code_factor']
+    factor = np.broadcast_to(np.asarray(factor), (8,)).reshape(-1, 1, 1, 1)
+    assert (np.abs(codes.numpy() * factor) <= 127).all() and factor.min() > 1
+    np.testing.assert_array_equal(folded, codes.numpy() * sign * factor)
     k = count_kernels(path)
     assert k['integer'] == 3 and k['float'] == 0 and 'BatchNormalization' not in k['ops']
     res = compare_onnx(q, path, x, optimized=True)
