@@ -2,18 +2,24 @@
 
     python tools/export_onnx.py CONFIG CHECKPOINT OUT.onnx [--input-shape N C H W]
                                 [--fp32-out FP32.onnx] [--check IMAGE ...]
-                                [--merged-dir DIR [--overwrite]] [--opset 17] [--int32-bias]
+                                [--merged-dir DIR [--overwrite]] [--opset 17]
+                                [--form fused|qdq] [--weight-dtype auto|int8|uint8]
+                                [--int32-bias] [--no-deployed-check] [--threads N]
                                 [--cfg-options k=v ...]
 
 CONFIG + CHECKPOINT: a QAT config and checkpoint (merged here), or the ``deploy_config.py``
-and ``merged.pth`` written by ``tools/merge_quant.py``. Weights are int8 initializers (LSQ
-codes) + DequantizeLinear (per output channel when trained per channel), activations
-QuantizeLinear / DequantizeLinear with the learned step sizes (uint8 after ReLU, else int8;
-a Clip keeps sub-8-bit codes in the LSQ range); biases float32, or int32 codes at scale
-s_a * s_w with ``--int32-bias`` (integer engines' convention). ``--check`` runs the images through the
-config's test pipeline and compares onnxruntime with the PyTorch fake-quant model (must agree
-within one quantization step). ``--merged-dir`` also writes the merge_quant folder. Exit
-status 1, nothing written, on bad input or a failed check.
+and ``merged.pth`` written by ``tools/merge_quant.py``. The default ``--form fused`` is the
+graph onnxruntime runs as integer kernels (``QLinearConv`` / ``ConvInteger`` / ``QGemm``):
+uint8 activation codes (zero point 128 for signed ones) with sub-8-bit ranges clamped on the
+integer codes, weight codes as int8 or, where uint8 x int8 products could saturate on x86
+CPUs without VNNI, uint8 with zero point 128 (``--weight-dtype auto``), int32 biases at scale
+s_a * s_w (see ``repq_mm.export``). ``--form qdq``: the plain Q -> DQ pair form (float Clip
+for sub-8-bit ranges; float32 biases unless ``--int32-bias``). ``--check`` runs the images
+through the config's test pipeline and compares onnxruntime with the PyTorch fake-quant model
+layer by layer (must agree within one quantization step), in the graph as written and in
+onnxruntime's optimised graph (the integer kernels; off with ``--no-deployed-check``).
+``--merged-dir`` also writes the merge_quant folder. Exit status 1, nothing written, on bad
+input or a failed check.
 """
 import argparse
 import os.path as osp
@@ -42,8 +48,19 @@ def parse_args(argv=None):
     p.add_argument('--overwrite', action='store_true',
                    help='with --merged-dir: replace a folder holding another model')
     p.add_argument('--opset', type=int, default=17)
+    p.add_argument('--form', choices=('fused', 'qdq'), default='fused',
+                   help='graph form: fused = what onnxruntime runs as integer kernels '
+                   '(default); qdq = plain QuantizeLinear -> DequantizeLinear pairs')
+    p.add_argument('--weight-dtype', choices=('auto', 'int8', 'uint8'), default='auto',
+                   help='weight codes (fused form): auto = uint8 (zero point 128) where u8 x '
+                   's8 products could saturate on x86 without VNNI, else int8')
     p.add_argument('--int32-bias', action='store_true',
-                   help='store biases as int32 codes at scale s_a*s_w (+ DequantizeLinear)')
+                   help='qdq form: store biases as int32 codes at scale s_a*s_w (the fused '
+                   'form always does)')
+    p.add_argument('--no-deployed-check', action='store_true',
+                   help='--check only the graph as written, not onnxruntime\'s optimised one')
+    p.add_argument('--threads', type=int, default=1,
+                   help='onnxruntime intra-op threads for the check (default 1)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override some settings in the used config (xxx=yyy)')
     return p.parse_args(argv)
@@ -60,13 +77,22 @@ def main(argv=None) -> int:
         cli.prepare_cfg(cfg)
         info = export_checkpoint(cfg, args.checkpoint, args.out, args.input_shape,
                                  args.fp32_out, args.check, args.merged_dir, args.overwrite,
-                                 args.opset, int32_bias=args.int32_bias)
+                                 args.opset,
+                                 int32_bias=True if args.int32_bias else None,
+                                 form=args.form, weight_dtype=args.weight_dtype,
+                                 check_deployed=not args.no_deployed_check,
+                                 threads=args.threads)
     except (ExportError, KeyError, ValueError, FileNotFoundError) as e:
         print(f'export_onnx: error: {e}', file=sys.stderr)
         return 1
-    line = (f'wrote {info["path"]}: {info["size"]} bytes, {info["int8"]} int8 weight '
-            f'initializer(s) ({info["int8_bytes"]} bytes), {len(info["quantizers"])} '
-            'quantizer(s)')
+    kernels = {}
+    for layer in info['layers']:
+        k = layer['kernel'] or ('float' if args.form == 'fused' else 'QDQ')
+        kernels[k] = kernels.get(k, 0) + 1
+    line = (f'wrote {info["path"]} ({args.form} form): {info["size"]} bytes, '
+            f'{info["weight_codes"]} integer weight initializer(s) '
+            f'({info["weight_codes_bytes"]} bytes), {len(info["quantizers"])} quantizer(s); '
+            'quantized layers: ' + ', '.join(f'{v} {k}' for k, v in kernels.items()))
     if info['int32']:
         line += f', {info["int32"]} int32 bias initializer(s) ({info["int32_bytes"]} bytes)'
     if 'fp32' in info:

@@ -6,8 +6,13 @@ every rep block (:func:`~repq_mm.convert.merge_model`; optionally also writing t
 ``merge_quant`` output folder), exports the integer QDQ model
 (:func:`repq_mm.export.export_onnx`) and, optionally, the same merged model in float32 for
 reference, and checks the ONNX model with onnxruntime against the PyTorch fake-quant merged
-model on real images. Files are written to a temporary name and moved into place only after
-the check passed.
+model on real images (in the graph as written and in onnxruntime's optimised graph, the
+integer kernels). Files are written to a temporary name and moved into place only after the
+check passed.
+
+:func:`evaluate_onnx` runs an exported model through onnxruntime over the config's test set
+with the config's evaluator (the model's own post-processing, :class:`OnnxPredictor`) next to
+the PyTorch merged model (``tools/analysis_tools/onnx_eval.py``).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import copy
 import os
 import os.path as osp
 import tempfile
+import time
 
 import torch
 from mmengine.config import Config
@@ -23,8 +29,8 @@ from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
 from ..convert import merge_model
-from ..export import (ExportError, compare_onnx, export_fp32_onnx, export_onnx,
-                      snap_bias_to_int32, summary_lines)
+from ..export import (ExportError, _int32_layers, compare_onnx, export_fp32_onnx,
+                      export_onnx, snap_bias_to_int32, summary_lines)
 from .checkpoint import load_weights
 from .model import check_repq_cfg
 
@@ -32,6 +38,28 @@ from .model import check_repq_cfg
 def _is_repq(cfg) -> bool:
     m = cfg.get('model', None)
     return m is not None and str(m.get('type', '')).split('.')[-1] == 'RepQModel'
+
+
+def build_repq_model(cfg: Config, repq_overrides: dict | None = None) -> nn.Module:
+    """The (unmerged, randomly initialised) RepQ model of ``cfg`` (through
+    :func:`~repq_mm.mm.cli.prepare_cfg`), built the way mmengine's Runner builds it, without
+    loading ``init_checkpoint``. ``repq_overrides``: ``repq`` settings replaced first (e.g.
+    ``dict(w_bits=4, a_bits=8)``). Raises :class:`~repq_mm.export.ExportError` for a config
+    without a RepQ model."""
+    if not _is_repq(cfg):
+        raise ExportError('the config does not describe a RepQ model: give it a top-level '
+                          '`repq` dict (or model type RepQModel)')
+    init_default_scope(cfg.get('default_scope', None) or 'mmpretrain')
+    model_cfg = copy.deepcopy(cfg.model)
+    repq = dict(model_cfg.get('repq', None) or {})
+    repq.update(repq_overrides or {})
+    repq.pop('init_checkpoint', None)
+    check_repq_cfg(repq)
+    model_cfg['repq'] = repq
+    model_cfg['init_checkpoint'] = None
+    if cfg.get('data_preprocessor', None) is not None:   # what mmengine's Runner does
+        model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
+    return MODELS.build(model_cfg)
 
 
 def build_merged_model(cfg: Config, checkpoint: str) -> tuple[nn.Module, bool]:
@@ -43,16 +71,9 @@ def build_merged_model(cfg: Config, checkpoint: str) -> tuple[nn.Module, bool]:
     Raises :class:`~repq_mm.export.ExportError` with the reason for a config without a RepQ
     model, an unreadable checkpoint or one of another architecture.
     """
-    if not _is_repq(cfg):
-        raise ExportError('the config does not describe a RepQ model: give it a top-level '
-                          '`repq` dict (or model type RepQModel)')
-    repq = check_repq_cfg(dict(cfg.model.get('repq', None) or {}))
-    init_default_scope(cfg.get('default_scope', None) or 'mmpretrain')
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg['init_checkpoint'] = None
-    if cfg.get('data_preprocessor', None) is not None:   # what mmengine's Runner does
-        model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
-    model = MODELS.build(model_cfg)
+    model = build_repq_model(cfg)
+    repq = check_repq_cfg({k: v for k, v in dict(cfg.model.get('repq', None) or {}).items()
+                           if k != 'init_checkpoint'})
     if not osp.isfile(checkpoint):
         raise ExportError(f'checkpoint {checkpoint} does not exist')
     load_weights(model, checkpoint, ExportError)
@@ -163,6 +184,14 @@ def check_lines(res: dict) -> list[str]:
              f'{_worst_code(res["act_codes"])}. End to end (each engine on its own codes): '
              f'max abs diff {free["max_abs"]:.3g}, codes off by at most '
              f'{_worst_code(free["act_codes"])}; argmax agreement {res["argmax_agree"]}']
+    dep = res.get('deployed')
+    if dep is not None:
+        k = dep['kernels']
+        lines.append(f'onnxruntime-optimised graph ({k["integer"]} integer conv/linear '
+                     f'kernels, {k["float"]} float; {dep["threads"]} thread(s)), layer by '
+                     f'layer: max |onnxruntime - PyTorch| = {dep["max_abs"]:.3g}, activation '
+                     f'codes off by at most {_worst_code(dep["act_codes"])}; outputs vs the '
+                     f'graph as written: {dep["vs_graph"]:.3g}')
     if res.get('bias_effect') is not None:
         lines.append(f'int32 biases (used by the PyTorch reference too) move the outputs by '
                      f'at most {res["bias_effect"]:.3g} against float biases')
@@ -173,6 +202,23 @@ def check_lines(res: dict) -> list[str]:
                      f'smallest best-match IoU {d["min_iou"]:.4f}, largest score difference '
                      f'{d["max_score_diff"]:.3g}')
     return lines
+
+
+def check_failures(res: dict) -> list[str]:
+    """What makes a :func:`~repq_mm.export.compare_onnx` result a failed export check
+    (empty: passed): an output beyond one quantization step of its layer, or activation
+    codes more than one step off, in the graph as written or in onnxruntime's optimised
+    graph (``deployed``)."""
+    bad = []
+    for tag, r in (('graph as written', res), ('optimised graph', res.get('deployed'))):
+        if r is None:
+            continue
+        bad += [f'{tag}: output {i}: {d:.3g} > {t:.3g}' for i, (d, t) in
+                enumerate(zip(r['diffs'], res['tolerances'])) if t is not None and d > t]
+        worst = _worst_code(r['act_codes'])
+        if worst > 1:
+            bad.append(f'{tag}: activation codes off by {worst}')
+    return bad
 
 
 def _channels(model: nn.Module, default: int = 3) -> int:
@@ -193,7 +239,9 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
                       fp32_out: str | None = None, check_images=(), merged_dir=None,
                       overwrite: bool = False, opset: int = 17,
                       check_batch: torch.Tensor | None = None,
-                      int32_bias: bool = False) -> dict:
+                      int32_bias: bool | None = None, form: str = 'fused',
+                      weight_dtype: str = 'auto', check_deployed: bool = True,
+                      threads: int = 1) -> dict:
     """Export ``checkpoint`` of ``cfg`` as an integer ONNX model to ``out``.
 
     Args:
@@ -208,12 +256,15 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
             (onnxruntime vs PyTorch). ``check_batch``: a ready, preprocessed batch instead.
         merged_dir: also write the ``tools/merge_quant.py`` output folder there (QAT
             configs only; refused when it holds another model unless ``overwrite``).
-        int32_bias: biases as int32 codes at scale ``s_a s_w``
-            (:func:`repq_mm.export.export_onnx`).
+        int32_bias, form, weight_dtype: the graph form (:func:`repq_mm.export.export_onnx`;
+            default: the ``'fused'`` form onnxruntime runs as integer kernels).
+        check_deployed: the check also runs onnxruntime's optimised graph (the integer
+            kernels; ``threads`` threads) layer by layer.
 
     Returns the export info with ``check`` (see :func:`repq_mm.export.compare_onnx`) and
     ``fp32`` (size info) when asked. Raises :class:`ExportError` (nothing written) for bad
-    input or when the check finds a difference beyond one quantization step.
+    input or when the check finds a difference beyond one quantization step (in the graph
+    as written or, with ``check_deployed``, in onnxruntime's integer kernels).
     """
     model, was_deploy = build_merged_model(cfg, checkpoint)
     channels = _channels(model)
@@ -247,31 +298,29 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
         info = export_onnx(model, example, tmps[out], opset=opset,
                            metadata={'repq_mm.source_checkpoint': osp.abspath(checkpoint),
                                      'repq_mm.input_shape': list(input_shape)},
-                           int32_bias=int32_bias)
+                           int32_bias=int32_bias, form=form, weight_dtype=weight_dtype)
         for line in summary_lines(info):
             print_log(line, logger='current')
         if fp32_out:
             tmps[fp32_out] = _tmp_next_to(fp32_out)
             info['fp32'] = export_fp32_onnx(model, example, tmps[fp32_out], opset=opset)
         if batch is not None:
-            res = compare_onnx(model, tmps[out], batch, int32_bias=int32_bias)
+            res = compare_onnx(model, tmps[out], batch, optimized=check_deployed,
+                               threads=threads)
             ref_model = model
-            if int32_bias:          # the model the file computes
+            snapped = _int32_layers(info['quantizers'])
+            if snapped:             # the model the file computes
                 ref_model = copy.deepcopy(model)
-                snap_bias_to_int32(ref_model)
+                snap_bias_to_int32(ref_model, snapped)
             res['detections'] = compare_detections(ref_model, batch, samples,
                                                    res.pop('onnx_outputs'))
             info['check'] = res
             for line in check_lines(res):
                 print_log('ONNX check: ' + line, logger='current')
-            worst = _worst_code(res['act_codes'])
-            if not res['within_one_step'] or worst > 1:
-                bad = [f'output {i}: {d:.3g} > {t:.3g}' for i, (d, t) in
-                       enumerate(zip(res['diffs'], res['tolerances']))
-                       if t is not None and d > t]
+            bad = check_failures(res)
+            if bad:
                 raise ExportError('the ONNX model differs from the PyTorch model by more '
-                                  f'than one quantization step ({"; ".join(bad) or "-"}) or '
-                                  f'activation codes off by {worst}')
+                                  f'than one quantization step: {"; ".join(bad)}')
         for final, tmp in tmps.items():
             os.replace(tmp, final)
         tmps = {}
@@ -288,3 +337,155 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
         info['fp32']['path'] = osp.abspath(fp32_out)
     return info
 
+
+
+# --------------------------------------------------------------------------------------
+# accuracy of the deployed model
+# --------------------------------------------------------------------------------------
+def _test_loader(cfg, max_samples: int | None):
+    from mmengine.runner import Runner
+    dl = copy.deepcopy(cfg.get('test_dataloader', None) or cfg.get('val_dataloader', None))
+    if not dl or dl.get('dataset', None) is None:
+        raise ExportError('the config has no test_dataloader / val_dataloader')
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ExportError(f'--max-samples must be >= 1, got {max_samples}')
+        dl['dataset']['indices'] = int(max_samples)     # mmengine BaseDataset: first N
+    dl['num_workers'] = 0
+    dl['persistent_workers'] = False
+    return Runner.build_dataloader(dl)
+
+
+def _evaluator(cfg, dataset):
+    from mmengine.evaluator import Evaluator
+    ev_cfg = copy.deepcopy(cfg.get('test_evaluator', None) or cfg.get('val_evaluator', None))
+    if ev_cfg is None:
+        raise ExportError('the config has no test_evaluator / val_evaluator')
+    ev = Evaluator(ev_cfg)
+    ev.dataset_meta = getattr(dataset, 'metainfo', None)
+    return ev
+
+
+class OnnxPredictor:
+    """Predictions (the framework's data samples) of an exported model from onnxruntime
+    outputs, through the PyTorch model's own post-processing:
+
+    * classifiers with a ``head._get_predictions`` (mmpretrain ``ClsHead``): the logits go
+      through it (softmax scores, labels);
+    * detectors with ``bbox_head.predict_by_feat`` (mmdet): the per-level head tensors go
+      through it (decoding, score threshold, NMS of the config's ``test_cfg``), then
+      ``add_pred_to_datasample``, as ``SingleStageDetector.predict`` does.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.arch = getattr(model, 'architecture', model)
+        head = getattr(self.arch, 'bbox_head', None)
+        if head is not None and hasattr(head, 'predict_by_feat'):
+            self.kind = 'det'
+        elif hasattr(getattr(self.arch, 'head', None), '_get_predictions'):
+            self.kind = 'cls'
+        else:
+            raise ExportError(f'no known post-processing for {type(self.arch).__name__}: '
+                              'need an mmpretrain ClsHead (head._get_predictions) or an '
+                              'mmdet bbox_head.predict_by_feat')
+        self.template = None
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, samples, outputs: list):
+        if self.kind == 'cls':
+            if len(outputs) != 1:
+                raise ExportError(f'a classifier ONNX model with {len(outputs)} outputs')
+            return self.arch.head._get_predictions(torch.from_numpy(outputs[0]), samples)
+        det = self.arch
+        if self.template is None:       # the nesting of the head outputs (lists per level)
+            self.template = det.bbox_head(det.extract_feat(inputs[:1]))
+        struct = _restructure(self.template, outputs)
+        metas = [s.metainfo for s in samples]
+        results = det.bbox_head.predict_by_feat(*struct, batch_img_metas=metas, rescale=True)
+        return det.add_pred_to_datasample(samples, results)
+
+
+@torch.no_grad()
+def evaluate_onnx(cfg: Config, checkpoint: str, onnx_path: str,
+                  max_samples: int | None = None, threads: int = 2, optimize: bool = True,
+                  precise_u8s8: bool = False, log=None) -> dict:
+    """Evaluate an exported model through onnxruntime on the config's test set (all of it,
+    or the first ``max_samples``) with the config's evaluator, next to the PyTorch merged
+    model of ``checkpoint`` on the same batches.
+
+    Every batch goes through the config's test pipeline and the model's data
+    preprocessor once; the preprocessed tensor is fed to onnxruntime (``optimize``:
+    ``ORT_ENABLE_ALL``, the integer kernels; ``threads`` intra-op threads) and to the
+    PyTorch merged fake-quant model (``mode='predict'``). The onnxruntime outputs go through
+    the model's own post-processing (:class:`OnnxPredictor`). Returns
+    ``dict(onnx={metric: value}, torch={...}, diff={...}, samples, agreement)``
+    (``agreement``: share of samples with the same top-1 label, classifiers only), and the
+    same for the PyTorch model with its biases on the file's int32 grid
+    (``torch_int32_bias``, ``agreement_int32_bias``; the layers stored with int32 biases,
+    :func:`~repq_mm.export.snap_bias_to_int32`; ``None`` when the file has none): the model
+    the file computes, up to float summation order (a BatchNormalization folded into a
+    conv's int32 bias has no PyTorch counterpart and is not snapped).
+    """
+    import onnx
+
+    from ..export import ort_session, read_quantizer_records
+    model, _ = build_merged_model(cfg, checkpoint)
+    snapped = None
+    layers = _int32_layers(read_quantizer_records(onnx_path)) if osp.isfile(onnx_path) else []
+    if layers:           # the PyTorch model on the file's int32 biases, where it has them
+        snapped = copy.deepcopy(model)
+        snap_bias_to_int32(snapped, layers)
+    if not osp.isfile(onnx_path):
+        raise ExportError(f'ONNX model {onnx_path} does not exist')
+    sess = ort_session(onnx_path, optimize, threads, precise_u8s8=precise_u8s8)
+    in_meta = sess.get_inputs()
+    if len(in_meta) != 1:
+        raise ExportError(f'{onnx_path}: {len(in_meta)} inputs; one image tensor expected')
+    want = list(in_meta[0].shape)[1:]
+    n_out = len(onnx.load(onnx_path, load_external_data=False).graph.output)
+    loader = _test_loader(cfg, max_samples)
+    ev_onnx, ev_torch = _evaluator(cfg, loader.dataset), _evaluator(cfg, loader.dataset)
+    ev_snap = _evaluator(cfg, loader.dataset) if snapped is not None else None
+    predictor = OnnxPredictor(model)
+    n = same = same_snap = 0
+    t0 = time.perf_counter()
+    for i, data_batch in enumerate(loader):
+        data = model.data_preprocessor(data_batch, False)
+        inputs, samples = data['inputs'].float(), data['data_samples']
+        got = [int(v) for v in inputs.shape[1:]]
+        if len(got) != len(want) or any(isinstance(w, int) and w != g
+                                         for w, g in zip(want, got)):
+            raise ExportError(f'the test pipeline gives inputs of shape '
+                              f'{tuple(inputs.shape[1:])}; {onnx_path} takes {tuple(want)}')
+        outs = sess.run(None, {in_meta[0].name: inputs.numpy()})
+        if len(outs) != n_out:
+            raise ExportError(f'{onnx_path}: {len(outs)} outputs, {n_out} declared')
+        p_onnx = predictor(inputs, copy.deepcopy(samples), outs)
+        p_torch = model(inputs, copy.deepcopy(samples), mode='predict')
+        p_snap = None if snapped is None else \
+            snapped(inputs, copy.deepcopy(samples), mode='predict')
+        if predictor.kind == 'cls':
+            same += sum(int(a.pred_label.item() == b.pred_label.item())
+                        for a, b in zip(p_onnx, p_torch))
+            if p_snap is not None:
+                same_snap += sum(int(a.pred_label.item() == b.pred_label.item())
+                                 for a, b in zip(p_onnx, p_snap))
+        ev_onnx.process(data_samples=p_onnx, data_batch=data_batch)
+        ev_torch.process(data_samples=p_torch, data_batch=data_batch)
+        if p_snap is not None:
+            ev_snap.process(data_samples=p_snap, data_batch=data_batch)
+        n += inputs.shape[0]
+        if log and (i + 1) % 20 == 0:
+            log(f'{n} samples, {time.perf_counter() - t0:.0f} s')
+    m_onnx, m_torch = ev_onnx.evaluate(n), ev_torch.evaluate(n)
+    m_snap = ev_snap.evaluate(n) if ev_snap is not None else None
+    diff = {k: float(m_onnx[k]) - float(m_torch[k]) for k in m_onnx
+            if k in m_torch and isinstance(m_onnx[k], (int, float))}
+    cls = predictor.kind == 'cls' and n
+    return dict(onnx=m_onnx, torch=m_torch, diff=diff, samples=n,
+                torch_int32_bias=m_snap, int32_bias_layers=len(layers),
+                agreement=same / n if cls else None,
+                agreement_int32_bias=same_snap / n if cls and snapped is not None else None,
+                kind=predictor.kind, onnx_path=osp.abspath(onnx_path),
+                optimized=optimize, threads=threads, seconds=time.perf_counter() - t0)
