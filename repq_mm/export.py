@@ -88,7 +88,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import os.path as osp
 import tempfile
 import warnings
@@ -98,6 +97,7 @@ import torch
 from torch import nn
 
 from .convert import snap_to_grid
+from .io import atomic_path, flatten_tensors
 from .quant import LSQQuantizer, QConv2d, QLinear
 from .rep import RepBlock
 
@@ -562,18 +562,9 @@ def _export(module, args, f, opset, dynamic_batch, input_names, output_names):
 def _output_names(module, args) -> list[str]:
     with torch.no_grad():
         out = module(*args)
-    n = len(_flatten(out))
+    n = len(flatten_tensors(out))
     return ['output'] if n == 1 else [f'output_{i}' for i in range(n)]
 
-
-def _flatten(obj) -> list:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _flatten(o)]
-    if isinstance(obj, dict):
-        return [t for k in obj for t in _flatten(obj[k])]
-    return []
 
 
 # --------------------------------------------------------------------------------------
@@ -948,18 +939,8 @@ def _code_tensors(proto) -> list[tuple[str, str, object, int | None]]:
 
 def _atomic_save(model_proto, path: str) -> None:
     import onnx
-    path = osp.abspath(path)
-    d = osp.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=d)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         onnx.save(model_proto, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
 
 
 _FORM_TEXT = {
@@ -1263,9 +1244,9 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor,
         snap = []
     bias_effect = None
     if snap is None or snap:
-        before = [t.detach().float() for t in _flatten(module(inputs))]
+        before = [t.detach().float() for t in flatten_tensors(module(inputs))]
         snap_bias_to_int32(prepared, snap)
-        after = [t.detach().float() for t in _flatten(module(inputs))]
+        after = [t.detach().float() for t in flatten_tensors(module(inputs))]
         bias_effect = max((float((a - b).abs().max()) for a, b in zip(after, before)
                            if a.numel()), default=0.0)
     codes = _code_tensors(proto)
@@ -1317,7 +1298,7 @@ def compare_onnx(model: nn.Module, path: str, inputs: torch.Tensor,
                     layer_outs.append((_layer_one_step(mod), out.detach().float().cpu()))
                 handles.append(m.register_forward_hook(keep))
         try:
-            ref = [t.detach().float().cpu() for t in _flatten(module(inputs))]
+            ref = [t.detach().float().cpu() for t in flatten_tensors(module(inputs))]
         finally:
             for h in handles:
                 h.remove()

@@ -331,13 +331,14 @@ def test_merge_check_on_real_tiles(trees):
     """merge_quant's comparison path on an mmdet model: real val batches, dict / tuple
     outputs of ``mode='tensor'`` (a trained-for-two-steps RepQ-BN W4A4 detector)."""
     from repq_mm.mm import cli
-    from repq_mm.mm.deploy import _dataloader, compare
+    from repq_mm.mm.deploy import compare
+    from repq_mm.mm.pipeline import eval_dataloader
     cfg = Config.fromfile(CI_CFG)
     cli.prepare_cfg(cfg)
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = DET_MODELS.build(cfg.model)
-    _, loader = _dataloader(cfg)
+    _, loader = eval_dataloader(cfg)
     _warm_up(model)
     model.eval()
     deploy = merge_model(model).eval()

@@ -681,7 +681,7 @@ def _calibrated_checkpoint(cfg_path: str, out: str, bits: dict, shape, n: int = 
     from mmengine.config import Config
 
     from repq_mm.mm import calibrate_lsq, cli
-    from repq_mm.mm.export import build_repq_model
+    from repq_mm.mm.pipeline import build_repq_model
     cfg = Config.fromfile(cfg_path)
     cli.prepare_cfg(cfg)
     torch.manual_seed(0)

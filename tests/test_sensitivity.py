@@ -379,8 +379,7 @@ def test_tool_budgets(tools, analysed, data_root, fp_checkpoint):
     tool = tools['sens']
     cfg = Config.fromfile(analysed['cfg'])
     tool.cli.prepare_cfg(cfg)
-    model_cfg, repq, _ = tool.repq_section(cfg)
-    w4 = tool.build_model(cfg, model_cfg, repq)
+    w4 = tool.build_model(cfg)
     assert like['budget_bytes'] == \
         sens.model_weight_bytes(w4.get_submodule('architecture'))['total']
     # exact: no subset of the free layers that fits keeps more summed delta

@@ -21,19 +21,19 @@ import hashlib
 import json
 import os
 import os.path as osp
-import shutil
-import tempfile
 
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
 from ..convert import merge_model
+from ..io import atomic_dir, flatten_tensors
 from ..quant import QConv2d, QLinear
-from .checkpoint import load_weights, safe_load
+from .checkpoint import safe_load
 from .model import check_repq_cfg
+from .pipeline import (build_repq_model, eval_dataloader, load_qat_model, repq_model_cfg,
+                       repq_settings)
 
 FILES = ('deploy_config.py', 'merged.pth', 'int_weights.pth')
 
@@ -48,17 +48,6 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    """All tensors in a (nested) model output, in order (data samples' pred scores too)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj) for t in _tensors(obj[k])]
-    return []
 
 
 @torch.no_grad()
@@ -106,8 +95,8 @@ def compare(qat: nn.Module, deploy: nn.Module, dataloader, num_batches: int) -> 
     max_abs, ref_max, agree, total, done = 0.0, 0.0, 0, 0, 0
     for batch in dataloader:
         data = qat.data_preprocessor(batch, False)
-        a = _tensors(qat(**data, mode='tensor'))
-        b = _tensors(deploy(**data, mode='tensor'))
+        a = flatten_tensors(qat(**data, mode='tensor'))
+        b = flatten_tensors(deploy(**data, mode='tensor'))
         if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
             raise MergeError('the deploy model returns outputs of other shapes than the QAT '
                              'model')
@@ -143,27 +132,6 @@ def _check_out_dir(out_dir: str, fingerprint: str, overwrite: bool) -> None:
                          '--overwrite to replace it')
 
 
-def _build(model_cfg, cfg=None) -> nn.Module:
-    model_cfg = copy.deepcopy(model_cfg)
-    if cfg is not None and cfg.get('data_preprocessor', None) is not None:
-        # a top-level data_preprocessor, as mmengine's Runner passes it
-        model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
-    return MODELS.build(model_cfg)
-
-
-def _dataloader(cfg):
-    from mmengine.runner import Runner
-    for key in ('val_dataloader', 'test_dataloader'):
-        dl = cfg.get(key, None)
-        if dl:
-            dl = copy.deepcopy(dl)
-            if dl.get('num_workers', 0) == 0:
-                dl['persistent_workers'] = False
-            return key, Runner.build_dataloader(dl, seed=0)
-    raise MergeError('the config has neither val_dataloader nor test_dataloader: nothing to '
-                     'check the merged model on')
-
-
 def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool = False,
                      check_batches: int = 1, tol: float = 1e-4) -> dict:
     """Merge a QAT checkpoint of ``cfg`` (a config whose model is a ``RepQModel``) into a
@@ -173,13 +141,8 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     ``overwrite``), or when the merged model disagrees with the QAT model beyond ``tol``
     (relative to the largest QAT output). Returns the comparison and the written paths.
     """
-    model_cfg = cfg.get('model', None)
-    if model_cfg is None or str(model_cfg.get('type', '')).split('.')[-1] != 'RepQModel':
-        raise MergeError('the config does not describe a RepQ model: its model must be '
-                         "dict(type='RepQModel', architecture=..., repq=...)")
-    repq = model_cfg.get('repq', None) or {}
-    # plain containers only (nested ConfigDicts, e.g. layer_bits, are not weights-only safe)
-    repq = repq.to_dict() if hasattr(repq, 'to_dict') else copy.deepcopy(dict(repq))
+    model_cfg = repq_model_cfg(cfg, MergeError)
+    repq = repq_settings(cfg)
     if check_repq_cfg(repq)['deploy']:
         raise MergeError('the config is already a deploy config (repq.deploy=True)')
     if check_batches < 1:
@@ -192,26 +155,20 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
         (_sha256(checkpoint) + json.dumps(repq, sort_keys=True, default=str)
          + cfg.pretty_text).encode()).hexdigest()
     _check_out_dir(out_dir, fingerprint, overwrite)
-    init_default_scope(cfg.get('default_scope', None) or 'mmpretrain')
-
     # the QAT model with the checkpoint's weights (init_checkpoint is not needed)
-    qat_cfg = copy.deepcopy(model_cfg)
-    qat_cfg['init_checkpoint'] = None
-    qat = _build(qat_cfg, cfg)
-    ck = load_weights(qat, checkpoint, MergeError)
-    qat.eval()
+    qat, ck, _ = load_qat_model(cfg, checkpoint, error=MergeError)
     deploy = merge_model(qat, inplace=False).eval()   # weights on the integer grid
 
     # the deploy config, and the model it builds must take the merged weights exactly
     deploy_model_cfg = copy.deepcopy(model_cfg)
     deploy_model_cfg['repq'] = {**repq, 'deploy': True}
     deploy_model_cfg['init_checkpoint'] = None
-    rebuilt = _build(deploy_model_cfg, cfg)
+    rebuilt = build_repq_model(cfg, dict(deploy=True), MergeError)
     state = deploy.state_dict()
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.eval()
 
-    source, loader = _dataloader(cfg)
+    source, loader = eval_dataloader(cfg, MergeError)
     res = compare(qat, deploy, loader, check_batches)
     res2 = compare(qat, rebuilt, loader, check_batches)
     res['rebuilt_rel'] = res2['rel']
@@ -243,13 +200,7 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
     out_cfg.load_from = osp.join(out_dir, 'merged.pth')
     out_cfg.resume = False
 
-    parent = osp.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{osp.basename(out_dir)}.tmp-', dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)          # mkdtemp makes it private
-    try:
+    with atomic_dir(out_dir) as tmp:
         out_cfg.dump(osp.join(tmp, 'deploy_config.py'))
         torch.save({'meta': meta, 'state_dict': state}, osp.join(tmp, 'merged.pth'))
         torch.save({'meta': {k: meta[k] for k in ('repq_mm_version', 'source_checkpoint',
@@ -258,18 +209,6 @@ def merge_checkpoint(cfg: Config, checkpoint: str, out_dir: str, overwrite: bool
         # everything must load back with weights_only=True
         for f in ('merged.pth', 'int_weights.pth'):
             torch.load(osp.join(tmp, f), map_location='cpu', weights_only=True)
-        old = None
-        if osp.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f'.{osp.basename(out_dir)}.old-', dir=parent)
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        tmp = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     res.update(files={f: osp.join(out_dir, f) for f in FILES}, int_layers=len(ints))
     print_log(f'wrote {out_dir}: {", ".join(FILES)} ({len(ints)} quantized layer(s))',
               logger='current')

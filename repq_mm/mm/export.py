@@ -16,77 +16,35 @@ the PyTorch merged model (``tools/analysis_tools/onnx_eval.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import os.path as osp
-import tempfile
 import time
 
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
-from ..convert import merge_model
 from ..export import (ExportError, _int32_layers, compare_onnx, export_fp32_onnx,
                       export_onnx, snap_bias_to_int32, summary_lines)
-from .checkpoint import load_weights
-from .model import check_repq_cfg
-
-
-def _is_repq(cfg) -> bool:
-    m = cfg.get('model', None)
-    return m is not None and str(m.get('type', '')).split('.')[-1] == 'RepQModel'
-
-
-def build_repq_model(cfg: Config, repq_overrides: dict | None = None) -> nn.Module:
-    """The (unmerged, randomly initialised) RepQ model of ``cfg`` (through
-    :func:`~repq_mm.mm.cli.prepare_cfg`), built the way mmengine's Runner builds it, without
-    loading ``init_checkpoint``. ``repq_overrides``: ``repq`` settings replaced first (e.g.
-    ``dict(w_bits=4, a_bits=8)``). Raises :class:`~repq_mm.export.ExportError` for a config
-    without a RepQ model."""
-    if not _is_repq(cfg):
-        raise ExportError('the config does not describe a RepQ model: give it a top-level '
-                          '`repq` dict (or model type RepQModel)')
-    init_default_scope(cfg.get('default_scope', None) or 'mmpretrain')
-    model_cfg = copy.deepcopy(cfg.model)
-    repq = dict(model_cfg.get('repq', None) or {})
-    repq.update(repq_overrides or {})
-    repq.pop('init_checkpoint', None)
-    check_repq_cfg(repq)
-    model_cfg['repq'] = repq
-    model_cfg['init_checkpoint'] = None
-    if cfg.get('data_preprocessor', None) is not None:   # what mmengine's Runner does
-        model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
-    return MODELS.build(model_cfg)
+from ..io import atomic_path
+from .pipeline import EVAL_SPLITS, build_repq_model, eval_dataloader, load_qat_model  # noqa: F401
 
 
 def build_merged_model(cfg: Config, checkpoint: str) -> tuple[nn.Module, bool]:
     """The merged (deploy-form) model of ``cfg`` with the weights of ``checkpoint``, in eval
-    mode. ``cfg`` (already through :func:`~repq_mm.mm.cli.prepare_cfg`) is a QAT config
-    (the checkpoint is a training checkpoint; merged here) or a deploy config (the
-    checkpoint is a ``merged.pth``). Returns ``(model, was_deploy_config)``.
-
-    Raises :class:`~repq_mm.export.ExportError` with the reason for a config without a RepQ
-    model, an unreadable checkpoint or one of another architecture.
-    """
-    model = build_repq_model(cfg)
-    repq = check_repq_cfg({k: v for k, v in dict(cfg.model.get('repq', None) or {}).items()
-                           if k != 'init_checkpoint'})
-    if not osp.isfile(checkpoint):
-        raise ExportError(f'checkpoint {checkpoint} does not exist')
-    load_weights(model, checkpoint, ExportError)
-    model.eval()
-    if not repq['deploy']:
-        model = merge_model(model, inplace=True).eval()   # weights on the integer grid
-    return model, repq['deploy']
+    mode, and whether ``cfg`` was a deploy config (:func:`.pipeline.load_qat_model`; errors
+    as :class:`~repq_mm.export.ExportError`)."""
+    model, _, settings = load_qat_model(cfg, checkpoint, merge=True, error=ExportError)
+    return model, settings['deploy']
 
 
 def _pipeline(cfg, channels: int):
     """The config's test (else val) pipeline with an image loader in front."""
     from mmengine.dataset import Compose
-    for key in ('test_dataloader', 'val_dataloader'):
+    for key in EVAL_SPLITS:
         dl = cfg.get(key, None)
         if dl and dl.get('dataset', None) is not None:
             pipeline = list(dl['dataset'].get('pipeline', []))
@@ -227,14 +185,6 @@ def _channels(model: nn.Module, default: int = 3) -> int:
     return int(mean.numel()) if isinstance(mean, torch.Tensor) else default
 
 
-def _tmp_next_to(path: str) -> str:
-    d = osp.dirname(osp.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=d)
-    os.close(fd)
-    return tmp
-
-
 def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
                       fp32_out: str | None = None, check_images=(), merged_dir=None,
                       overwrite: bool = False, opset: int = 17,
@@ -290,45 +240,41 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
             raise ExportError(f'merge into {merged_dir}: {e}') from None
 
     example = torch.zeros(input_shape)
-    tmps = {}
     new_dirs = [d for d in {osp.dirname(osp.abspath(p)) for p in (out, fp32_out) if p}
                 if not osp.exists(d)]
+    written = False
     try:
-        tmps[out] = _tmp_next_to(out)
-        info = export_onnx(model, example, tmps[out], opset=opset,
-                           metadata={'repq_mm.source_checkpoint': osp.abspath(checkpoint),
-                                     'repq_mm.input_shape': list(input_shape)},
-                           int32_bias=int32_bias, form=form, weight_dtype=weight_dtype)
-        for line in summary_lines(info):
-            print_log(line, logger='current')
-        if fp32_out:
-            tmps[fp32_out] = _tmp_next_to(fp32_out)
-            info['fp32'] = export_fp32_onnx(model, example, tmps[fp32_out], opset=opset)
-        if batch is not None:
-            res = compare_onnx(model, tmps[out], batch, optimized=check_deployed,
-                               threads=threads)
-            ref_model = model
-            snapped = _int32_layers(info['quantizers'])
-            if snapped:             # the model the file computes
-                ref_model = copy.deepcopy(model)
-                snap_bias_to_int32(ref_model, snapped)
-            res['detections'] = compare_detections(ref_model, batch, samples,
-                                                   res.pop('onnx_outputs'))
-            info['check'] = res
-            for line in check_lines(res):
-                print_log('ONNX check: ' + line, logger='current')
-            bad = check_failures(res)
-            if bad:
-                raise ExportError('the ONNX model differs from the PyTorch model by more '
-                                  f'than one quantization step: {"; ".join(bad)}')
-        for final, tmp in tmps.items():
-            os.replace(tmp, final)
-        tmps = {}
+        with contextlib.ExitStack() as files:      # all files move into place together
+            tmp_out = files.enter_context(atomic_path(out))
+            info = export_onnx(model, example, tmp_out, opset=opset,
+                               metadata={'repq_mm.source_checkpoint': osp.abspath(checkpoint),
+                                         'repq_mm.input_shape': list(input_shape)},
+                               int32_bias=int32_bias, form=form, weight_dtype=weight_dtype)
+            for line in summary_lines(info):
+                print_log(line, logger='current')
+            if fp32_out:
+                tmp_fp32 = files.enter_context(atomic_path(fp32_out))
+                info['fp32'] = export_fp32_onnx(model, example, tmp_fp32, opset=opset)
+            if batch is not None:
+                res = compare_onnx(model, tmp_out, batch, optimized=check_deployed,
+                                   threads=threads)
+                ref_model = model
+                snapped = _int32_layers(info['quantizers'])
+                if snapped:             # the model the file computes
+                    ref_model = copy.deepcopy(model)
+                    snap_bias_to_int32(ref_model, snapped)
+                res['detections'] = compare_detections(ref_model, batch, samples,
+                                                       res.pop('onnx_outputs'))
+                info['check'] = res
+                for line in check_lines(res):
+                    print_log('ONNX check: ' + line, logger='current')
+                bad = check_failures(res)
+                if bad:
+                    raise ExportError('the ONNX model differs from the PyTorch model by '
+                                      f'more than one quantization step: {"; ".join(bad)}')
+        written = True
     finally:
-        for tmp in tmps.values():
-            if osp.exists(tmp):
-                os.remove(tmp)
-        if tmps:                 # failed: remove the folders made for the outputs
+        if not written:          # failed: remove the folders made for the outputs
             for d in new_dirs:
                 if osp.isdir(d) and not os.listdir(d):
                     os.rmdir(d)
@@ -343,17 +289,11 @@ def export_checkpoint(cfg: Config, checkpoint: str, out: str, input_shape=None,
 # accuracy of the deployed model
 # --------------------------------------------------------------------------------------
 def _test_loader(cfg, max_samples: int | None):
-    from mmengine.runner import Runner
-    dl = copy.deepcopy(cfg.get('test_dataloader', None) or cfg.get('val_dataloader', None))
-    if not dl or dl.get('dataset', None) is None:
-        raise ExportError('the config has no test_dataloader / val_dataloader')
-    if max_samples is not None:
-        if max_samples < 1:
-            raise ExportError(f'--max-samples must be >= 1, got {max_samples}')
-        dl['dataset']['indices'] = int(max_samples)     # mmengine BaseDataset: first N
-    dl['num_workers'] = 0
-    dl['persistent_workers'] = False
-    return Runner.build_dataloader(dl)
+    """The evaluation data (:func:`.pipeline.eval_dataloader`), optionally the first
+    ``max_samples`` samples only."""
+    if max_samples is not None and max_samples < 1:
+        raise ExportError(f'--max-samples must be >= 1, got {max_samples}')
+    return eval_dataloader(cfg, ExportError, max_samples)[1]
 
 
 def _evaluator(cfg, dataset):

@@ -28,16 +28,15 @@ from mmengine.runner import Runner  # noqa: E402
 import repq_mm  # noqa: E402
 from repq_mm.mm.checkpoint import safe_load, state_dict_of  # noqa: E402
 from repq_mm.mm.config import is_repq_model  # noqa: E402
+from repq_mm.mm.pipeline import load_qat_model  # noqa: E402
 from repq_mm.rep import RepBlock  # noqa: E402
 from repq_mm.rep.fidelity import bnest_errors  # noqa: E402
 
 
 def build(cfg, checkpoint):
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    if is_repq_model(cfg.model):
-        cfg.model.init_checkpoint = None       # the weights come from the QAT checkpoint
-        model = MODELS.build(cfg.model)
-        model.load_state_dict(state_dict_of(safe_load(checkpoint)), strict=True)
+    if is_repq_model(cfg.model):              # the weights come from the QAT checkpoint
+        return load_qat_model(cfg, checkpoint)[0]
     else:
         model = MODELS.build(cfg.model)
         model.load_state_dict(state_dict_of(safe_load(checkpoint)), strict=True)

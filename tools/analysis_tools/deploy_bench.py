@@ -182,7 +182,7 @@ def build_model(name: str, w_bits: int, a_bits: int, shape, seed: int = 0):
     from mmengine.config import Config
 
     from repq_mm.mm import calibrate_lsq, cli
-    from repq_mm.mm.export import build_repq_model
+    from repq_mm.mm.pipeline import build_repq_model
     cfg = Config.fromfile(str(ROOT / CONFIGS[name][0]))
     cli.prepare_cfg(cfg)
     torch.manual_seed(seed)

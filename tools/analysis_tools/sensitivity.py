@@ -85,7 +85,6 @@ import os
 import os.path as osp
 import re
 import sys
-import tempfile
 import textwrap
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -97,7 +96,9 @@ from mmengine.registry import DATASETS, init_default_scope  # noqa: E402
 from repq_mm import sensitivity as sens  # noqa: E402
 from repq_mm.mm import calibrate_lsq, check_repq_cfg, cli  # noqa: E402
 from repq_mm.mm.checkpoint import load_weights, safe_load, state_dict_of  # noqa: E402
-from repq_mm.mm.deploy import _build as build_model_cfg  # noqa: E402
+from repq_mm.io import atomic_path  # noqa: E402
+from repq_mm.mm.config import is_repq_model  # noqa: E402
+from repq_mm.mm.pipeline import build_repq_model, is_repq_config, repq_settings  # noqa: E402
 
 ROOT_NAME = 'architecture'          # RepQModel's converted module: layer_bits names live here
 
@@ -112,16 +113,16 @@ class SensitivityError(RuntimeError):
 def repq_section(cfg) -> tuple[dict, dict, str | None]:
     """``(model_cfg, repq, init_checkpoint)`` of a config already passed through
     ``cli.prepare_cfg``. ``repq`` is a plain dict without ``init_checkpoint``."""
-    model = cfg.get('model', None)
-    if model is None or str(model.get('type', '')).split('.')[-1] != 'RepQModel':
+    if not is_repq_config(cfg):
         raise SensitivityError(
             "CONFIG is not a quantized config: give one whose model is "
             "dict(type='RepQModel', ...) (e.g. configs/repvgg_fmnist/"
             'repvgg-A0w16_repq-bn_w4a4_fmnist.py); its method and first/last/layer_bits are '
             'used, the bit widths come from --low-bits / --high-bits')
-    repq = model.get('repq', None) or {}
-    repq = repq.to_dict() if hasattr(repq, 'to_dict') else copy.deepcopy(dict(repq))
-    init = repq.pop('init_checkpoint', None) or model.get('init_checkpoint', None)
+    model = cfg.model
+    raw = model.get('repq', None) or {}
+    repq = repq_settings(cfg)
+    init = raw.get('init_checkpoint', None) or model.get('init_checkpoint', None)
     return model, repq, init
 
 
@@ -136,7 +137,7 @@ def bits_override(raw_cfg, w_bits: int, a_bits: int, layer_bits: dict,
     """
     lb = '{\n' + ''.join(f'        {k!r}: {v!r},\n' for k, v in layer_bits.items()) + '    }'
     model = raw_cfg.get('model', None) or {}
-    if str(model.get('type', '')).split('.')[-1] != 'RepQModel':
+    if not is_repq_model(model):
         raise SensitivityError("CONFIG's model is not dict(type='RepQModel', ...): cannot "
                                'write a config inheriting it')
     text = (f'model = dict(\n    repq=dict(w_bits={w_bits!r}, a_bits={a_bits!r}, '
@@ -149,15 +150,9 @@ def bits_override(raw_cfg, w_bits: int, a_bits: int, layer_bits: dict,
 # --------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------
-def build_model(cfg, model_cfg, repq: dict, overrides: dict | None = None,
-                init_checkpoint: str | None = None):
-    """A ``RepQModel`` of ``model_cfg`` with ``repq`` updated by ``overrides``."""
-    mc = copy.deepcopy(model_cfg)
-    r = {**repq, **(overrides or {})}
-    check_repq_cfg(r)
-    mc['repq'] = r
-    mc['init_checkpoint'] = init_checkpoint
-    return build_model_cfg(mc, cfg)
+def build_model(cfg, overrides: dict | None = None, init_checkpoint: str | None = None):
+    """The ``RepQModel`` of ``cfg`` with its ``repq`` updated by ``overrides``."""
+    return build_repq_model(cfg, overrides, SensitivityError, init_checkpoint)
 
 
 def checkpoint_kind(path: str) -> str:
@@ -358,24 +353,10 @@ def choose(kind: str, value, layers, pinned: dict, deltas: dict, low_w: int, low
 # --------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------
-def _umask_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _atomic_write(path: str, text: str) -> None:
-    """Write ``path`` through a temporary file in its folder (mode as ``open`` gives)."""
-    fd, tmp = tempfile.mkstemp(prefix='.' + osp.basename(path) + '.', dir=osp.dirname(path))
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.chmod(tmp, _umask_mode())           # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``path`` all or nothing (:func:`repq_mm.io.atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        f.write(text)
 
 
 def write_mixed_config(path, raw_cfg, config_path, rec, base_layer_bits, low_w, low_a, high,
@@ -392,8 +373,8 @@ def verify_mixed_config(path: str, expect_plan: dict, expect_bytes: int) -> None
     """Build ``path`` the way our tools do and check its bits and bytes."""
     cfg = Config.fromfile(path)
     cli.prepare_cfg(cfg)
-    model_cfg, repq, _ = repq_section(cfg)
-    model = build_model(cfg, model_cfg, repq)
+    repq_section(cfg)
+    model = build_model(cfg)
     got = bit_plan(model)
     wrong = {n: (got.get(n), b) for n, b in expect_plan.items() if got.get(n) != b}
     if wrong or set(got) != set(expect_plan):
@@ -474,16 +455,11 @@ def bar_chart(res: dict, path: str) -> None:
         handles.append(Patch(color='#7f7f7f', label='pinned by the config'))
     ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix='.sensitivity.', suffix='.png', dir=osp.dirname(path))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format='png')
     finally:
         plt.close(fig)
-        if osp.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------
@@ -563,7 +539,7 @@ def run(args) -> dict:
         cfg.merge_from_dict(args.cfg_options)
     cli.prepare_cfg(cfg)
     cli.fix_dataloader_workers(cfg)
-    model_cfg, repq, cfg_init = repq_section(cfg)
+    _, repq, cfg_init = repq_section(cfg)
     checked = check_repq_cfg(repq)
     if checked['method'] == 'fp' or checked['deploy']:
         raise SensitivityError(f"CONFIG has repq.method={checked['method']!r}, "
@@ -580,8 +556,8 @@ def run(args) -> dict:
                                                       args.cfg_options.items()})
 
     # which layers the config pins (first/last/layer_bits): bits equal at low and at high
-    plan_low = bit_plan(build_model(cfg, model_cfg, repq, dict(w_bits=low_w, a_bits=low_a)))
-    plan_high = bit_plan(build_model(cfg, model_cfg, repq, dict(w_bits=high, a_bits=high)))
+    plan_low = bit_plan(build_model(cfg, dict(w_bits=low_w, a_bits=low_a)))
+    plan_high = bit_plan(build_model(cfg, dict(w_bits=high, a_bits=high)))
     pinned = {n: b for n, b in plan_low.items() if plan_high[n][0] == b[0]}
 
     if args.from_json:
@@ -600,21 +576,20 @@ def run(args) -> dict:
         baseline, rows = old['baseline'], [dict(name=r['name'], value=r['value'],
                                                 delta=r['delta']) for r in old['layers']]
         measure_name, hib, data_desc = old['measure'], old['higher_is_better'], old['data']
-        struct = build_model(cfg, model_cfg, repq, dict(w_bits=high, a_bits=high,
-                                                         first_bits=None, last_bits=None,
-                                                         layer_bits=None))
+        struct = build_model(cfg, dict(w_bits=high, a_bits=high, first_bits=None,
+                                       last_bits=None, layer_bits=None))
     else:
         device = torch.device(args.device)
         loader, data_desc = calibration_loader(cfg, args.data, args.num_batches,
                                                args.batch_size, args.seed)
         if kind == 'float':
-            model = build_model(cfg, model_cfg, repq,
+            model = build_model(cfg,
                                 dict(w_bits=high, a_bits=high, first_bits=None,
                                      last_bits=None, layer_bits=None), checkpoint)
             model.to(device)
             calibrate_lsq(model, loader, args.num_batches)
         else:
-            model = build_model(cfg, model_cfg, repq)
+            model = build_model(cfg)
             load_weights(model, checkpoint, SensitivityError)
             model.to(device)
             off = {n: b for n, b in bit_plan(model).items() if b[0] != high or
