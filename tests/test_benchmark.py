@@ -1,8 +1,12 @@
-"""Smoke test of tools/analysis_tools/benchmark.py and the pure-torch RepVGGNet.
+"""Smoke test of tools/analysis_tools/benchmark.py (the ``bench`` package next to it) and the
+pure-torch RepVGGNet.
 
-Tiny sizes (a width-reduced RepVGGNet, input 16, batch 2, 1 warm-up, 2 repeats, 1 thread):
-checks that the Markdown and JSON outputs name every variant with finite positive times,
-and that RepVGGNet's train form and its deployed form agree in eval mode.
+Tiny sizes (a width-reduced RepVGGNet or one block, input 8-16, batch 2, 1 warm-up, 2
+repeats, 1 thread): checks that the Markdown and JSON outputs name every variant with finite
+positive times, that ``--compile`` adds compiled rows (backend ``aot_eager``: dynamo's graph
+capture and AOTAutograd's forward / backward split without inductor's C++ compile, which
+tests/test_compile.py covers) with compile times and the target ratios, and that
+RepVGGNet's train form and its deployed form agree in eval mode.
 """
 from __future__ import annotations
 
@@ -82,8 +86,7 @@ def test_benchmark_block_model(tmp_path):
         res = tool.main(['--model', 'block', '--channels', '8', '--input-size', '16',
                          '--batch-size', '2', '--warmup', '1', '--repeats', '2', '--threads',
                          '1', '--skip-merge', '--skip-infer', '--quiet',
-                         '--variants', 'repq_est_noquant',
-                         '--no-convert', '--out-dir', str(tmp_path)])
+                         '--variants', 'repq_est_noquant', '--out-dir', str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     assert list(res['train']) == ['repq_est_noquant']
@@ -93,6 +96,98 @@ def test_benchmark_block_model(tmp_path):
         mem = rec.get('mem')
         assert mem is not None and mem['peak_bytes'] > 0 and mem['delta_bytes'] >= 0
     assert '`repq_est_noquant`' in (tmp_path / 'results.md').read_text()
+
+
+COMPILE_VARIANTS = ('fp_multibranch', 'lsq', 'repq_bn', 'repq_est', 'repq_estc8')
+
+
+def test_benchmark_compile(tmp_path):
+    """--compile: every variant eager and compiled in one run, compile times, the ratio
+    columns and targets of the compiled steps, and the profile of the compiled step."""
+    tool = _tool()
+    threads = torch.get_num_threads()
+    torch._dynamo.reset()
+    try:
+        res = tool.main(['--model', 'block', '--channels', '8', '--input-size', '8',
+                         '--batch-size', '2', '--warmup', '1', '--repeats', '2', '--threads',
+                         '1', '--skip-merge', '--skip-infer', '--memory', 'off', '--quiet',
+                         '--variants', ','.join(COMPILE_VARIANTS), '--compile',
+                         '--compile-backend', 'aot_eager', '--profile', '--profile-variant',
+                         'repq_est', '--out-dir', str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    js = json.loads((tmp_path / 'results.json').read_text())
+    md = (tmp_path / 'results.md').read_text()
+    assert js['config']['compile'] == {'mode': 'default', 'backend': 'aot_eager'}
+    assert list(js['train']) == list(js['train_compiled']) == list(COMPILE_VARIANTS)
+    for v in COMPILE_VARIANTS:
+        for rows in (js['train'], js['train_compiled']):
+            _check_stats(rows[v])
+            assert len(rows[v]['samples']) == 2 and math.isfinite(rows[v]['final_loss'])
+        ci = js['train_compiled'][v]['compile']
+        assert ci['first_call_s'] > 0 and ci['compile_s'] >= 0 and ci['graphs'] >= 1
+        assert ci['compiling_calls'][0] == 0           # the first call compiles
+        assert len(ci['calls_s']) >= 3
+    # the est_refresh=8 refresh step is its own graph: warm-up covers one period
+    assert len(js['train_compiled']['repq_estc8']['compile']['calls_s']) >= 9
+    header = next(ln for ln in md.splitlines() if ln.startswith('| variant | eager median'))
+    for col in ('compiled median ms', 'speed-up', 'x compiled FP multi-branch',
+                'x compiled LSQ', 'x eager FP multi-branch', 'first call s', 'compile s'):
+        assert col in header
+    section = md.split('eager vs compiled')[1].split('\n## ')[0]
+    rows = {ln.split('`')[1]: ln for ln in section.splitlines()
+            if ln.startswith('| ') and '`' in ln}
+    assert set(rows) == set(COMPILE_VARIANTS)
+    tc, tr = js['train_compiled'], js['train']
+    expected = {
+        'compiled RepQ-BNEst / compiled LSQ baseline':
+            tc['repq_est']['median'] / tc['lsq']['median'],
+        'compiled RepQ-BNEst / eager FP multi-branch':
+            tc['repq_est']['median'] / tr['fp_multibranch']['median'],
+        'compiled RepQ-BN / compiled FP multi-branch':
+            tc['repq_bn']['median'] / tc['fp_multibranch']['median']}
+    got = {t['name']: t for t in js['targets']}
+    for name, val in expected.items():
+        assert got[name]['value'] == pytest.approx(val) and math.isfinite(val)
+        assert f'- {name}: {val:.2f}' in md
+    # the eager table and eager targets are still there
+    assert '## Training step (forward + backward + SGD step)' in md
+    assert 'RepQ-BNEst / LSQ baseline' in got
+    att = js['profile_compiled']['repq_est']
+    assert att['compiled'] and att['wall_ms'] > 0
+    kinds = {it['phase'] for it in att['items']}
+    assert {'forward graph', 'backward graph'} <= kinds, kinds
+    assert set(att['phases_ms']) >= {'CompiledFunction', 'CompiledFunctionBackward'}
+    assert (tmp_path / 'profile_repq_est_compiled.txt').exists()
+    assert 'repq_est' in js['profile']                 # the eager profile as before
+
+
+@pytest.mark.parametrize('argv, msg', [
+    (['--compile', 'fastest'], 'invalid choice'),
+    (['--compile', '--compile-backend', 'no_such_backend'], 'unknown --compile-backend'),
+    (['--compile-backend', 'eager'], '--compile-backend needs --compile'),
+    (['--no-convert'], 'unrecognized arguments'),
+])
+def test_benchmark_bad_compile_args(argv, msg, capsys):
+    tool = _tool()
+    with pytest.raises(SystemExit):
+        tool.parse_args(argv)
+    assert msg in capsys.readouterr().err
+
+
+def test_benchmark_reexports():
+    """Other tools import the model factory and the variants from the entry script."""
+    tool = _tool()
+    from repq_mm import QConfig
+    from repq_mm.rep import RepVGGBlock as Block
+    args = tool.parse_args(['--model', 'block', '--channels', '4'])
+    base, desc = tool.build_model(args)
+    assert isinstance(base, Block) and desc.startswith('RepVGGBlock(4, 4')
+    lsq = tool.make_variant('lsq', base, QConfig(w_bits=4, a_bits=4))
+    assert type(lsq).__name__ == 'Sequential' and lsq[0].w_quant.bits == 4
+    with pytest.raises(ValueError, match='unknown variant'):
+        tool.make_variant('nope', base, QConfig())
 
 
 def test_benchmark_detector(tmp_path):
