@@ -89,6 +89,7 @@ import copy
 import io
 import json
 import os.path as osp
+import sys
 import tempfile
 import warnings
 from typing import Iterable
@@ -99,6 +100,7 @@ from torch import nn
 from .convert import snap_to_grid
 from .io import atomic_path, flatten_tensors
 from .quant import LSQQuantizer, QConv2d, QLinear
+from .quant.layers import clear_weight_caches
 from .rep import RepBlock
 
 __all__ = ['export_onnx', 'export_fp32_onnx', 'quantized_export_mode', 'run_onnx',
@@ -534,18 +536,17 @@ def _prepare(model: nn.Module) -> nn.Module:
     if any(isinstance(m, RepBlock) for m in model.modules()) or find_rep_blocks(model):
         model = merge_model(model, inplace=True).eval()
     snap_to_grid(model)
-    for m in model.modules():                 # drop eval-mode weight caches
-        if '_wcache' in m.__dict__:
-            m.__dict__['_wcache'] = None
+    clear_weight_caches(model)                # copied with the model: stale after the merge
     return model
 
 
 def _wrap(model: nn.Module) -> nn.Module:
-    try:
-        from mmengine.model import BaseModel
-    except ImportError:  # pragma: no cover
-        return model
-    return _TensorMode(model) if isinstance(model, BaseModel) else model
+    """An mmengine ``BaseModel`` is exported through ``mode='tensor'`` (without importing
+    mmengine: a model can only be a ``BaseModel`` when mmengine is already imported)."""
+    mm_model = sys.modules.get('mmengine.model')
+    if mm_model is not None and isinstance(model, mm_model.BaseModel):
+        return _TensorMode(model)
+    return model
 
 
 def _export(module, args, f, opset, dynamic_batch, input_names, output_names):

@@ -36,7 +36,7 @@ from repq_mm.mm import cli  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Evaluate an ONNX model through onnxruntime '
                                 'next to the PyTorch merged model')
-    p.add_argument('config', help='QAT config (`repq` dict) or a deploy_config.py')
+    p.add_argument('config', help='QAT config (model type RepQModel) or a deploy_config.py')
     p.add_argument('checkpoint', help='QAT checkpoint, or merged.pth of a deploy config')
     p.add_argument('onnx', help='the ONNX model (written first with --export)')
     p.add_argument('--export', action='store_true',
