@@ -34,7 +34,7 @@ from repq_mm.mm.checkpoint import safe_load  # noqa: E402
 from repq_mm.mm.config import is_repq_model  # noqa: E402
 from repq_mm.rep import RepBlock  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 PY = sys.executable
 IMAGENET = sorted(glob.glob(osp.join(ROOT, 'configs/repvgg_imagenet/*_w*a*_*.py')))
 FMNIST = sorted(glob.glob(osp.join(ROOT, 'configs/repvgg_fmnist/*.py')))

@@ -45,10 +45,7 @@ from repq_mm.mm.det import ELANNet, ELANPAN, EfficientRep, RepPAN  # noqa: E402
 from repq_mm.quant import QConv2d  # noqa: E402
 from repq_mm.rep import RepBlock  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-PY = sys.executable
-TREES = osp.join(ROOT, 'data', 'trees')
-CI_CFG = osp.join(ROOT, 'configs', 'yolov6_trees', 'yolov6-n_repq-bn_w4a4_trees-ci.py')
+from helpers import CI_CFG, PY, ROOT, TREES  # noqa: E402,F401
 MAP_RE = re.compile(r'coco/bbox_mAP:\s*([0-9.]+)')
 
 
@@ -228,20 +225,6 @@ def test_tiling_rules():
     s = converter.split([f't{i:02d}.png' for i in range(45)])
     assert len(s['val']) == 9 and len(s['train']) == 36
     assert s == converter.split(list(reversed([f't{i:02d}.png' for i in range(45)])))
-
-
-@pytest.fixture(scope='module')
-def trees():
-    ann = osp.join(TREES, 'annotations', 'instances_train.json')
-    if not osp.isfile(ann):
-        pytest.skip('data/trees missing: run tools/dataset_converters/deepforest_trees.py '
-                    '(tools/run_tests.sh does)')
-    import json
-    with open(osp.join(TREES, 'annotations', 'split.json')) as f:
-        meta = json.load(f)
-    assert (meta['num_tiles'], meta['num_boxes']) == (45, 918)
-    assert (len(meta['train']), len(meta['val'])) == (36, 9)
-    return TREES
 
 
 # --------------------------------------------------------------------------------------

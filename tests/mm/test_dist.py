@@ -30,7 +30,7 @@ import torch
 
 pytest.importorskip('mmpretrain')
 
-from test_mm_cls import ROOT, data_root, write_config  # noqa: E402,F401
+from helpers import ROOT, write_config  # noqa: E402
 
 from repq_mm.mm.checkpoint import safe_load  # noqa: E402
 

@@ -8,13 +8,11 @@ checkpoint allowlist and the registry scopes.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import os.path as osp
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,9 +21,8 @@ import torch
 pytest.importorskip('mmpretrain')
 pytest.importorskip('cv2')
 
-import cv2  # noqa: E402
 from mmengine.config import Config  # noqa: E402
-from mmengine.registry import MODELS, init_default_scope  # noqa: E402
+from mmengine.registry import MODELS  # noqa: E402
 
 import repq_mm  # noqa: E402,F401
 from repq_mm.mm import (BNEstHook, LSQCalibHook, RepQModel, calibrate_lsq,  # noqa: E402
@@ -34,123 +31,11 @@ from repq_mm.mm import hooks as repq_hooks  # noqa: E402
 from repq_mm.mm.checkpoint import SAFE_GLOBALS, safe_load  # noqa: E402
 from repq_mm.rep import RepBlock  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-PY = sys.executable
-NUM_CLASSES = 3
-
-ARCH = dict(
-    type='ImageClassifier',
-    backbone=dict(type='RepVGG',
-                  arch=dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25] * 4,
-                            group_layer_map=None, se_cfg=None),
-                  out_indices=(3, )),
-    neck=dict(type='GlobalAveragePooling'),
-    head=dict(type='LinearClsHead', num_classes=NUM_CLASSES, in_channels=128,
-              loss=dict(type='CrossEntropyLoss', loss_weight=1.0), topk=(1, )))
-DATA_PREPROCESSOR = dict(num_classes=NUM_CLASSES, mean=[127.5] * 3, std=[127.5] * 3,
-                         to_rgb=False)
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'repq_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train_tool = _load_tool('train')
-test_tool = _load_tool('test')
-merge_tool = _load_tool('merge_quant')
-
-
-def _stock_test_py() -> str:
-    import mmpretrain
-    path = osp.join(osp.dirname(mmpretrain.__file__), '.mim', 'tools', 'test.py')
-    assert osp.isfile(path), path
-    return path
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    """3 classes of 32x32 PNGs (colour-coded, noisy): 12 per class train, 6 per class val."""
-    root = tmp_path_factory.mktemp('pngs')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 12), ('val', 6)):
-        for c in range(NUM_CLASSES):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
-                img[..., c] += 120
-                cv2.imwrite(str(d / f'{i}.png'), img)
-    return str(root)
-
-
-def write_config(path, data_root, repq=None, custom_hooks=(), max_iters=4, ckpt_interval=2,
-                 extra=''):
-    """A tiny classification config; with ``repq`` (settings, may hold ``init_checkpoint``)
-    its model is ``dict(type='RepQModel', architecture=ARCH, repq=..., init_checkpoint=...)``,
-    the form every tool builds. Hooks are only the given ones."""
-    pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-    model = ARCH
-    if repq is not None:
-        repq = dict(repq)
-        model = dict(type='RepQModel', architecture=ARCH,
-                     init_checkpoint=repq.pop('init_checkpoint', None), repq=repq)
-
-    def loader(split, shuffle, bs):
-        return dict(batch_size=bs, num_workers=0,
-                    dataset=dict(type='CustomDataset', data_root=osp.join(data_root, split),
-                                 pipeline=pipeline),
-                    sampler=dict(type='DefaultSampler', shuffle=shuffle))
-
-    text = f"""
-default_scope = 'mmpretrain'
-custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
-model = {model!r}
-data_preprocessor = {DATA_PREPROCESSOR!r}
-train_dataloader = {loader('train', True, 8)!r}
-val_dataloader = {loader('val', False, 9)!r}
-test_dataloader = val_dataloader
-val_evaluator = dict(type='Accuracy', topk=(1, ))
-test_evaluator = val_evaluator
-optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4))
-train_cfg = dict(by_epoch=False, max_iters={max_iters}, val_interval={max_iters})
-val_cfg = dict()
-test_cfg = dict()
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=1),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval={ckpt_interval}, by_epoch=False),
-    sampler_seed=dict(type='DistSamplerSeedHook'))
-custom_hooks = {list(custom_hooks)!r}
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
-log_level = 'WARNING'
-load_from = None
-resume = False
-randomness = dict(seed=0, deterministic=False)
-"""
-    text += extra
-    with open(path, 'w') as f:
-        f.write(text)
-    return str(path)
-
-
-def _build(model_cfg):
-    init_default_scope('mmpretrain')
-    return MODELS.build(model_cfg)
-
-
-def _loader(data_root, split='val', bs=9, shuffle=False):
-    from mmengine.runner import Runner
-    init_default_scope('mmpretrain')
-    return Runner.build_dataloader(dict(
-        batch_size=bs, num_workers=0,
-        dataset=dict(type='CustomDataset', data_root=osp.join(data_root, split),
-                     pipeline=[dict(type='LoadImageFromFile'), dict(type='PackInputs')]),
-        sampler=dict(type='DefaultSampler', shuffle=shuffle)), seed=0)
+from helpers import (ARCH, DATA_PREPROCESSOR, NUM_CLASSES, PY, ROOT,  # noqa: E402,F401
+                     merge_tool, test_tool, train_tool, write_config)
+from helpers import build as _build  # noqa: E402
+from helpers import loader as _loader  # noqa: E402
+from helpers import stock_test_py as _stock_test_py  # noqa: E402
 
 
 def _steps(sd):

@@ -23,7 +23,8 @@ import torch
 
 pytest.importorskip('mmpretrain')
 
-from test_mm_cls import ROOT, _stock_test_py, data_root, write_config  # noqa: E402,F401
+from helpers import ROOT, write_config  # noqa: E402
+from helpers import stock_test_py as _stock_test_py  # noqa: E402
 
 from repq_mm.mm.checkpoint import safe_load  # noqa: E402
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import make_input, randomize  # noqa: F401  (shared with test_properties)
 from repq_mm.quant import QConfig
 from repq_mm.rep import (REP_BLOCKS, AvgStage, ConvStage, IdentityStage, MaskStage,
                          MobileOneBlock, RepBlock, RepVGGBlock, ScaleStage)
@@ -83,51 +84,12 @@ def _cases():
 
 
 CASES = _cases()
+#: the cases whose block has a BN (the BN-statistics tests run on these; ECB has none)
+BN_CASES = [c for c in CASES if c.values[0][1]().bns()]
 
 
 def _seed(cid: str) -> int:
     return zlib.crc32(cid.encode())
-
-
-@torch.no_grad()
-def randomize(block: RepBlock, gen: torch.Generator) -> RepBlock:
-    """Make every branch matter: random BN statistics / affine, conv biases, scales."""
-    def rn(*shape, s=1.0):
-        return torch.randn(*shape, generator=gen) * s
-
-    def ru(*shape, lo=0.5, hi=1.5):
-        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
-
-    for bn in block.bns():
-        c = bn.num_features
-        bn.running_mean.copy_(rn(c, s=0.5))
-        bn.running_var.copy_(ru(c))
-        bn.weight.copy_(ru(c) * torch.where(torch.rand(c, generator=gen) < 0.2, -1.0, 1.0))
-        bn.bias.copy_(rn(c, s=0.3))
-    for branch in block.branches:
-        for st in branch:
-            if isinstance(st, ConvStage) and st.bias is not None:
-                st.bias.copy_(rn(st.out_channels, s=0.2))
-            elif isinstance(st, ScaleStage):
-                st.scale.copy_(ru(st.out_channels))
-            elif isinstance(st, MaskStage):
-                st.scale.copy_(rn(*st.scale.shape, s=0.3))
-                st.bias.copy_(rn(st.out_channels, s=0.2))
-    return block
-
-
-def make_input(cin, size, gen, kind='iid', batch=BATCH):
-    """``iid``: independent Gaussian per element with per-channel offset and scale.
-    ``corr``: channel-mixed, spatially blurred, post-ReLU (feature-map-like)."""
-    if kind == 'iid':
-        x = torch.randn(batch, cin, size, size, generator=gen)
-        return x * (0.5 + torch.rand(1, cin, 1, 1, generator=gen)) + \
-            torch.randn(1, cin, 1, 1, generator=gen) * 0.5
-    z = torch.randn(batch, cin, size + 2, size + 2, generator=gen)
-    mix = 0.6 + 0.6 * torch.randn(cin, cin, generator=gen) / math.sqrt(cin)
-    z = torch.einsum('oi,nihw->nohw', mix, z)
-    z = F.avg_pool2d(z, 3, 1)
-    return F.relu(z + 0.3 * torch.randn(1, cin, 1, 1, generator=gen))
 
 
 def build(case, dtype=torch.float32):
@@ -607,13 +569,11 @@ def test_fold_est_matches_autograd(groups, affine, with_bias):
         lambda *t: _fold_est(t[0], t[1], bn, t[2], t[3], groups)[:2], inputs)
 
 
-@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('case', BN_CASES)
 def test_merge_est_matches_generic(case):
     """BNEst through the hand-written nodes (fold_est / merge_est) equals the plain autograd
     composition: merged kernel and bias, every gradient, the running statistics."""
     block, x, gen = build(case)
-    if not block.bns():
-        pytest.skip('no BN')
     block = block.double().train()
     outs = []
     for fused in (True, False):
@@ -640,13 +600,11 @@ def test_merge_est_matches_generic(case):
         assert torch.allclose(a, r, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('case', BN_CASES)
 def test_bnest_periodic_correction(case):
     """est_refresh=k: every k-th step uses (and learns from) exact statistics; on the same
     input the corrected estimate then reproduces the exact statistics."""
     block, x, _ = build(case)
-    if not block.bns():
-        pytest.skip('no BN')
     block.train()
     ref = copy.deepcopy(block).enable_repq(QConfig(bn_mode='exact'), quantize=False)
     blk = copy.deepcopy(block).enable_repq(QConfig(bn_mode='est', est_refresh=3),

@@ -424,7 +424,7 @@ def test_unadaptable_block_raises_naming_path(block, msg):
 
 def test_look_alike_without_family_warns():
     # a known family's branch name without its defining attribute: warned about, not
-    # adapted, its conv quantized as a plain conv (tests/test_foreign_blocks.py has more)
+    # adapted, its conv quantized as a plain conv (tests/rep/test_foreign_blocks.py has more)
     from repq_mm.convert import LookAlikeWarning
     net = nn.Sequential(nn.Module())
     net[0].rbr_1x1 = nn.Conv2d(4, 4, 1)
@@ -508,3 +508,48 @@ def test_mmpretrain_mobileone_s0():
             n_branches += (k + 1 + (j > 0)) + (k + (c == planes))
             c = planes
     _check_classifier(model, n_rep=n_rep, n_branches=n_branches)
+
+
+def test_core_imports_without_openmmlab():
+    """The torch-only core imports with mmengine / mmcv / mmdet / mmpretrain blocked."""
+    import subprocess
+    import sys
+    code = '''
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('mmengine', 'mmcv', 'mmdet', 'mmpretrain'):
+            raise ImportError(f'blocked: {name}')
+sys.meta_path.insert(0, Block())
+import repq_mm.quant, repq_mm.rep, repq_mm.convert, repq_mm.export, repq_mm.settings
+import repq_mm.calib, repq_mm.io, repq_mm.sensitivity, repq_mm.models
+assert not [m for m in sys.modules if m.split('.')[0] in ('mmengine', 'mmcv', 'mmdet',
+                                                          'mmpretrain')]
+assert 'repq_mm.mm' not in sys.modules
+print('core ok')
+'''
+    from helpers import ROOT
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and 'core ok' in r.stdout, r.stderr[-2000:]
+
+
+def test_failed_conversion_leaves_model_as_it_was():
+    from helpers import snapshot as _snapshot
+    from helpers import unchanged as _unchanged
+    torch.manual_seed(0)
+    # a foreign block that reads fine, then one that does not: the first stays foreign
+    net = nn.Sequential(YoloV6RepVGGBlock(4, 4), nn.Sequential(_Broken()))
+    snap = _snapshot(net)
+    with pytest.raises(ValueError, match=r"'1\.0'.*does not reproduce the forward"):
+        convert_to_repq(net)
+    assert _unchanged(net, snap)
+    # every block can be read, but a later plain conv cannot be quantized: the foreign
+    # block is put back, our block is not switched to RepQ
+    net = nn.Sequential(YoloV6RepVGGBlock(4, 4), RepVGGBlock(4, 4),
+                        nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'))
+    snap = _snapshot(net)
+    with pytest.raises(ValueError, match=r"cannot quantize '2'.*padding_mode"):
+        convert_to_repq(net, w_bits=4, a_bits=4)
+    assert _unchanged(net, snap)
+    assert not net[1].repq and net[1].w_quant is None and net[1].a_quant is None

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from repq_mm.quant import QConfig
 from repq_mm.rep import REP_BLOCKS
 
-from test_blocks import make_input, randomize  # noqa: E402  (same randomisation)
+from helpers import make_input, randomize  # noqa: E402  (same randomisation)
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -29,10 +29,6 @@ from repq_mm import convert_to_repq
 from repq_mm.quant import QConfig
 from repq_mm.rep import RepVGGBlock
 
-try:
-    from test_mm_cls import data_root  # noqa: F401 (module-scoped fixture: tiny PNGs)
-except pytest.skip.Exception:   # mmpretrain / cv2 missing
-    data_root = None
 
 BAD_BITS = [0, 1, 9, 33, -4, 2.5, 8.0, '8', None, True]
 
@@ -89,16 +85,8 @@ def test_good_bits_accepted():
 # --------------------------------------------------------------------------------------
 # convert_to_repq
 # --------------------------------------------------------------------------------------
-def _snapshot(net):
-    return [(n, type(m), id(m)) for n, m in net.named_modules()], \
-        {k: v.clone() for k, v in net.state_dict().items()}
-
-
-def _unchanged(net, snap):
-    mods, sd = snap
-    now = _snapshot(net)
-    return now[0] == mods and now[1].keys() == sd.keys() and \
-        all(torch.equal(now[1][k], sd[k]) for k in sd)
+from helpers import snapshot as _snapshot  # noqa: E402
+from helpers import unchanged as _unchanged  # noqa: E402
 
 
 @pytest.mark.parametrize('skip, match', [
@@ -115,26 +103,6 @@ def test_skip_naming_nothing(skip, match):
         convert_to_repq(net, skip=skip)
     assert _unchanged(net, snap)
     convert_to_repq(net, skip=['1', '2*'])          # names / patterns that exist: fine
-
-
-def test_failed_conversion_leaves_model_as_it_was():
-    from test_convert import YoloV6RepVGGBlock, _Broken
-    torch.manual_seed(0)
-    # a foreign block that reads fine, then one that does not: the first stays foreign
-    net = nn.Sequential(YoloV6RepVGGBlock(4, 4), nn.Sequential(_Broken()))
-    snap = _snapshot(net)
-    with pytest.raises(ValueError, match=r"'1\.0'.*does not reproduce the forward"):
-        convert_to_repq(net)
-    assert _unchanged(net, snap)
-    # every block can be read, but a later plain conv cannot be quantized: the foreign
-    # block is put back, our block is not switched to RepQ
-    net = nn.Sequential(YoloV6RepVGGBlock(4, 4), RepVGGBlock(4, 4),
-                        nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'))
-    snap = _snapshot(net)
-    with pytest.raises(ValueError, match=r"cannot quantize '2'.*padding_mode"):
-        convert_to_repq(net, w_bits=4, a_bits=4)
-    assert _unchanged(net, snap)
-    assert not net[1].repq and net[1].w_quant is None and net[1].a_quant is None
 
 
 # --------------------------------------------------------------------------------------
@@ -262,8 +230,10 @@ def _tree_hash(d):
     return h.hexdigest()
 
 
-def test_merge_quant_bad_input(tmp_path, capsys, data_root):  # noqa: F811
-    from test_mm_cls import ARCH, DATA_PREPROCESSOR, _build, _loader, merge_tool, write_config
+def test_merge_quant_bad_input(tmp_path, capsys, data_root):
+    from helpers import ARCH, DATA_PREPROCESSOR, merge_tool, write_config
+    from helpers import build as _build
+    from helpers import loader as _loader
 
     from repq_mm.mm import calibrate_lsq
     root = data_root

@@ -5,7 +5,7 @@ Tiny sizes (a width-reduced RepVGGNet or one block, input 8-16, batch 2, 1 warm-
 repeats, 1 thread): checks that the Markdown and JSON outputs name every variant with finite
 positive times, that ``--compile`` adds compiled rows (backend ``aot_eager``: dynamo's graph
 capture and AOTAutograd's forward / backward split without inductor's C++ compile, which
-tests/test_compile.py covers) with compile times and the target ratios, and that
+tests/rep/test_compile.py covers) with compile times and the target ratios, and that
 RepVGGNet's train form and its deployed form agree in eval mode.
 """
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT as HELPERS_ROOT
 
 from repq_mm.models import RepVGGNet
 from repq_mm.rep import RepVGGBlock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(HELPERS_ROOT)
 TINY = ['--model', 'A0', '--width-multiplier', '0.125,0.25', '--num-blocks', '1,2,1,1',
         '--num-classes', '10', '--input-size', '16', '--batch-size', '2', '--warmup', '1',
         '--repeats', '2', '--threads', '1', '--quiet']

@@ -28,7 +28,7 @@ from repq_mm.export import (META_KEY, ExportError, compare_onnx,  # noqa: E402
                             count_kernels, export_fp32_onnx, export_onnx, run_onnx)
 from repq_mm.rep import RepVGGBlock  # noqa: E402
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 FMNIST = osp.join(ROOT, 'data', 'fashion_mnist', 't10k-images-idx3-ubyte')
 
 

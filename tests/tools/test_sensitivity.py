@@ -33,7 +33,7 @@ from repq_mm import convert_to_repq
 from repq_mm.mm import calibrate_lsq
 from repq_mm.rep import RepVGGBlock
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 
 
 def test_doctests():
