@@ -19,7 +19,7 @@ of the ~8 autograd nodes of the plain composition (``apply_to_channels`` + ``_fo
   in one node.
 
 Both agree with the autograd composition up to float rounding
-(``tests/test_blocks.py::test_fold_est_matches_autograd`` / ``test_merge_est_matches_generic``).
+(``tests/rep/test_blocks.py::test_fold_est_matches_autograd`` / ``test_merge_est_matches_generic``).
 """
 from __future__ import annotations
 
