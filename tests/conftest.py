@@ -5,27 +5,16 @@ from __future__ import annotations
 import json
 import os.path as osp
 
-import numpy as np
 import pytest
 
-from helpers import NUM_CLASSES, TREES
+from helpers import TREES, make_pngs
 
 
 @pytest.fixture(scope='session')
 def data_root(tmp_path_factory):
     """3 classes of 32x32 PNGs (colour-coded, noisy): 12 per class train, 6 per class val."""
-    cv2 = pytest.importorskip('cv2')
-    root = tmp_path_factory.mktemp('pngs')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 12), ('val', 6)):
-        for c in range(NUM_CLASSES):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
-                img[..., c] += 120
-                cv2.imwrite(str(d / f'{i}.png'), img)
-    return str(root)
+    pytest.importorskip('cv2')
+    return make_pngs(tmp_path_factory.mktemp('pngs'))
 
 
 @pytest.fixture(scope='session')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import os.path as osp
 import sys
 
@@ -29,9 +30,11 @@ DATA_PREPROCESSOR = dict(num_classes=NUM_CLASSES, mean=[127.5] * 3, std=[127.5] 
                          to_rgb=False)
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'repq_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
+def load_tool(name, path=None):
+    """A tool script as a module: ``tools/{name}.py``, or ``path`` (relative to the
+    checkout) under the module name ``name``."""
+    spec = importlib.util.spec_from_file_location(
+        f'repq_tool_{name}', osp.join(ROOT, path or osp.join('tools', f'{name}.py')))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -47,6 +50,23 @@ def __getattr__(name):
         mod = globals()[name] = load_tool(_TOOLS[name])
         return mod
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def make_pngs(root, counts=(('train', 12), ('val', 6))) -> str:
+    """``NUM_CLASSES`` classes of 32x32 PNGs (colour-coded, noisy) under ``root/split/classK``,
+    ``counts`` images per class and split."""
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, n in counts:
+        for c in range(NUM_CLASSES):
+            d = osp.join(str(root), split, f'class{c}')
+            os.makedirs(d)
+            for i in range(n):
+                img = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+                img[..., c] += 120
+                cv2.imwrite(osp.join(d, f'{i}.png'), img)
+    return str(root)
 
 
 def stock_test_py() -> str:

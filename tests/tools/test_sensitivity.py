@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import itertools
 import json
 import math
@@ -22,7 +21,6 @@ import os
 import os.path as osp
 import random
 
-import numpy as np
 import pytest
 import torch
 from mmengine.model import BaseModel
@@ -33,7 +31,6 @@ from repq_mm import convert_to_repq
 from repq_mm.mm import calibrate_lsq
 from repq_mm.rep import RepVGGBlock
 
-from helpers import ROOT  # noqa: E402
 
 
 def test_doctests():
@@ -189,53 +186,25 @@ def test_sensitive_layer_ranks_first():
 # --------------------------------------------------------------------------------------
 # the tool, end to end (mmpretrain, generated PNGs)
 # --------------------------------------------------------------------------------------
-NUM_CLASSES = 3
-ARCH = dict(
-    type='ImageClassifier',
-    backbone=dict(type='RepVGG',
-                  arch=dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25] * 4,
-                            group_layer_map=None, se_cfg=None),
-                  out_indices=(3, )),
-    neck=dict(type='GlobalAveragePooling'),
-    head=dict(type='LinearClsHead', num_classes=NUM_CLASSES, in_channels=128,
-              loss=dict(type='CrossEntropyLoss', loss_weight=1.0), topk=(1, )))
-DATA_PREPROCESSOR = dict(num_classes=NUM_CLASSES, mean=[127.5] * 3, std=[127.5] * 3,
-                         to_rgb=False)
+from helpers import ARCH, DATA_PREPROCESSOR, load_tool, make_pngs  # noqa: E402,F401
 LAYERS = ['backbone.stem', 'backbone.stage_1.0', 'backbone.stage_2.0', 'backbone.stage_3.0',
           'backbone.stage_4.0', 'head.fc']
 REPQ = dict(method='repq', w_bits=4, a_bits=4, per_channel=True, init='mse', first_bits=8)
 
 
-def _load_tool(path, name):
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope='module')
 def tools():
     pytest.importorskip('mmpretrain')
-    return dict(sens=_load_tool('tools/analysis_tools/sensitivity.py', 'repq_tool_sens'),
-                train=_load_tool('tools/train.py', 'repq_tool_sens_train'),
-                merge=_load_tool('tools/merge_quant.py', 'repq_tool_sens_merge'))
+    return dict(sens=load_tool('sens', 'tools/analysis_tools/sensitivity.py'),
+                train=load_tool('sens_train', 'tools/train.py'),
+                merge=load_tool('sens_merge', 'tools/merge_quant.py'))
 
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
     """3 classes of 32x32 PNGs (colour-coded, noisy): 8 per class train, 4 per class val."""
-    cv2 = pytest.importorskip('cv2')
-    root = tmp_path_factory.mktemp('sens_pngs')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 8), ('val', 4)):
-        for c in range(NUM_CLASSES):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
-                img[..., c] += 120
-                cv2.imwrite(str(d / f'{i}.png'), img)
-    return str(root)
+    pytest.importorskip('cv2')
+    return make_pngs(tmp_path_factory.mktemp('sens_pngs'), (('train', 8), ('val', 4)))
 
 
 def write_config(path, data_root, repq):
