@@ -118,11 +118,11 @@ def test_no_graph_break_in_rep_blocks(mode):
 
 def test_compiled_training_matches_eager():
     """Three BN modes in one model, quantizers uninitialised at the first compiled call
-    (they initialise eagerly there, a graph break), then SGD steps: losses, parameters,
+    (they initialise eagerly there, a graph break), then two SGD steps: losses, parameters,
     step sizes, running statistics and the est_refresh correction equal eager; eval and
     merge of the trained compiled model match."""
     eager = _net()
-    batches = _batches(5)
+    batches = _batches(3)        # est_refresh=2: refresh, plain, refresh
     comp_model = copy.deepcopy(eager)
     torch._dynamo.reset()
     compiled = torch.compile(comp_model, backend='eager')
