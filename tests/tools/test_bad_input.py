@@ -347,3 +347,16 @@ def test_est_stats_from_the_repq_dict():
                               repq=dict(bn_mode='est', est_stats='kron')))
     blocks = [m for m in model.modules() if hasattr(m, 'est_stats')]
     assert blocks and all(b.est_stats == 'kron' for b in blocks)
+
+
+def test_configuration_doc_lists_every_key():
+    """docs/configuration.md's key table names exactly the schema's keys."""
+    import os.path as osp
+
+    from helpers import ROOT
+    from repq_mm.settings import RepQConfig
+    text = open(osp.join(ROOT, 'docs', 'configuration.md'), encoding='utf-8').read()
+    table = text.split('| key | default | meaning |', 1)[1].split('\n\n', 1)[0]
+    documented = set(re.findall(r'`(\w+)`', ''.join(
+        ln.split('|')[1] for ln in table.splitlines() if ln.startswith('| `'))))
+    assert documented == set(RepQConfig.keys())
