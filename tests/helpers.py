@@ -77,7 +77,7 @@ def stock_test_py() -> str:
 
 
 def write_config(path, data_root, repq=None, custom_hooks=(), max_iters=4, ckpt_interval=2,
-                 extra=''):
+                 extra='', batch_sizes=(8, 9), weight_decay=1e-4):
     """A tiny classification config; with ``repq`` (settings, may hold ``init_checkpoint``)
     its model is ``dict(type='RepQModel', architecture=ARCH, repq=..., init_checkpoint=...)``,
     the form every tool builds. Hooks are only the given ones."""
@@ -99,12 +99,13 @@ default_scope = 'mmpretrain'
 custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
 model = {model!r}
 data_preprocessor = {DATA_PREPROCESSOR!r}
-train_dataloader = {loader('train', True, 8)!r}
-val_dataloader = {loader('val', False, 9)!r}
+train_dataloader = {loader('train', True, batch_sizes[0])!r}
+val_dataloader = {loader('val', False, batch_sizes[1])!r}
 test_dataloader = val_dataloader
 val_evaluator = dict(type='Accuracy', topk=(1, ))
 test_evaluator = val_evaluator
-optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4))
+optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9,
+                                    weight_decay={weight_decay!r}))
 train_cfg = dict(by_epoch=False, max_iters={max_iters}, val_interval={max_iters})
 val_cfg = dict()
 test_cfg = dict()

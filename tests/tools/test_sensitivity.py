@@ -187,6 +187,7 @@ def test_sensitive_layer_ranks_first():
 # the tool, end to end (mmpretrain, generated PNGs)
 # --------------------------------------------------------------------------------------
 from helpers import ARCH, DATA_PREPROCESSOR, load_tool, make_pngs  # noqa: E402,F401
+from helpers import write_config as helpers_write_config  # noqa: E402
 LAYERS = ['backbone.stem', 'backbone.stage_1.0', 'backbone.stage_2.0', 'backbone.stage_3.0',
           'backbone.stage_4.0', 'head.fc']
 REPQ = dict(method='repq', w_bits=4, a_bits=4, per_channel=True, init='mse', first_bits=8)
@@ -208,47 +209,11 @@ def data_root(tmp_path_factory):
 
 
 def write_config(path, data_root, repq):
-    """A tiny RepVGG classifier config, its model ``dict(type='RepQModel', ...)``."""
-    pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-
-    def loader(split, shuffle, bs):
-        return dict(batch_size=bs, num_workers=0,
-                    dataset=dict(type='CustomDataset', data_root=osp.join(data_root, split),
-                                 pipeline=pipeline),
-                    sampler=dict(type='DefaultSampler', shuffle=shuffle))
-
-    r = dict(repq)
-    init = r.pop('init_checkpoint', None)
-    model = (f'model = dict(type=\'RepQModel\', architecture={ARCH!r}, repq={r!r}, '
-             f'init_checkpoint={init!r})\n')
-    text = f"""
-default_scope = 'mmpretrain'
-custom_imports = dict(imports=['repq_mm'], allow_failed_imports=False)
-{model}
-data_preprocessor = {DATA_PREPROCESSOR!r}
-train_dataloader = {loader('train', True, 4)!r}
-val_dataloader = {loader('val', False, 6)!r}
-test_dataloader = val_dataloader
-val_evaluator = dict(type='Accuracy', topk=(1, ))
-test_evaluator = val_evaluator
-optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9))
-train_cfg = dict(by_epoch=False, max_iters=2, val_interval=2)
-val_cfg = dict()
-test_cfg = dict()
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=1),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False),
-    sampler_seed=dict(type='DistSamplerSeedHook'))
-custom_hooks = [dict(type='LSQCalibHook', num_batches=1)]
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
-log_level = 'WARNING'
-randomness = dict(seed=0, deterministic=False)
-"""
-    with open(path, 'w') as f:
-        f.write(text)
-    return str(path)
+    """The shared tiny RepVGG classifier config (``helpers.write_config``), its model
+    ``dict(type='RepQModel', ...)``: batches of 4 / 6, 2 iterations, one calibration batch."""
+    return helpers_write_config(path, data_root, repq, [dict(type='LSQCalibHook', num_batches=1)],
+                                max_iters=2, ckpt_interval=2, batch_sizes=(4, 6),
+                                weight_decay=0.0)
 
 
 @pytest.fixture(scope='module')
