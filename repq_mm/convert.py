@@ -891,6 +891,8 @@ def _quantized_copy(m: nn.Module, qcls: type, qcfg: QConfig, name: str) -> nn.Mo
 
 def _settings(qcfg, settings: dict) -> RepQConfig:
     """``qcfg`` (a QConfig / RepQConfig / dict / None) plus keyword settings, validated."""
+    if isinstance(qcfg, RepQConfig) and not settings:
+        return qcfg                                 # checked when it was made
     for key in ('method', 'deploy'):
         if key in settings:
             raise TypeError(f'convert_to_repq: {key!r} is a RepQModel setting (merge_model '

@@ -47,6 +47,8 @@ import logging
 
 from mmengine.logging import print_log
 
+from ..quant.config import closest
+
 #: the config form, as the error messages show it
 REPQ_MODEL_FORM = """\
 model = dict(
@@ -142,10 +144,7 @@ def _check_model_keys(model) -> None:
     params = [p for p in inspect.signature(RepQModel.__init__).parameters if p != 'self']
     unknown = [k for k in model if k not in params and k not in _WRAPPER_KEYS]
     if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(str(k), params, n=1, cutoff=0.5)
-            hints.append(f'{k!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+        hints = [f'{k!r}{closest(k, params)}' for k in unknown]
         raise RepQConfigError(f'model (RepQModel) has unknown key(s) {"; ".join(hints)}. '
                               f'Valid keys: {params}')
 

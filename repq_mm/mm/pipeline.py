@@ -73,9 +73,7 @@ def build_repq_model(cfg, repq_overrides: dict | None = None, error=ValueError,
     weights); ``repq_overrides`` replace ``repq`` settings first (e.g.
     ``dict(w_bits=4, a_bits=8)``, or ``dict(deploy=True)``)."""
     model_cfg = copy.deepcopy(repq_model_cfg(cfg, error))
-    repq = {**repq_settings(cfg), **(repq_overrides or {})}
-    check_repq_cfg(repq)
-    model_cfg['repq'] = repq
+    model_cfg['repq'] = {**repq_settings(cfg), **(repq_overrides or {})}   # checked by RepQModel
     model_cfg['init_checkpoint'] = init_checkpoint
     if cfg.get('data_preprocessor', None) is not None:   # what mmengine's Runner does
         model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
