@@ -1100,13 +1100,16 @@ def merge_model(model: nn.Module, inplace: bool = False, skip: Iterable[str] = (
 @torch.no_grad()
 def snap_to_grid(model: nn.Module, recurse: bool = True) -> int:
     """``weight <- Q_w(weight)`` for every ``QConv2d`` / ``QLinear`` whose weight quantizer
-    is enabled and initialised (what their forward uses anyway, so outputs do not change).
-    Returns the number of layers (``recurse=False``: ``model`` itself only)."""
+    is enabled and initialised, and ``bias <- quantized_bias()`` for those with ``int_bias``
+    (what their forward uses anyway, so outputs do not change). Returns the number of
+    layers (``recurse=False``: ``model`` itself only)."""
     n = 0
     for m in (model.modules() if recurse else (model,)):
         q = getattr(m, 'w_quant', None)
         if isinstance(m, (QConv2d, QLinear)) and q is not None and q.enabled and \
                 q.is_initialized:
+            if m.int_bias and m.bias is not None:
+                m.bias.copy_(m.quantized_bias())
             m.weight.copy_(q(m.weight))
             n += 1
     return n

@@ -47,6 +47,10 @@ class QConfig:
             ``'diag'`` (the paper's diagonal-covariance estimate) or ``'kron'`` (exact means
             with zero padding and stride, exact variances of 1x1 / identity branches,
             Kronecker-factored patch covariance for KxK; :mod:`repq_mm.rep.estimators`).
+        int_bias: biases on the integer accumulator's grid ``s_a s_w`` in the forward
+            (straight-through), as the int32 bias of an integer conv / GEMM: the merged
+            model then computes exactly what the integer ONNX model computes (without it the
+            export rounds the bias, which can flip low-bit activation codes).
     """
 
     w_bits: int = 8
@@ -59,6 +63,7 @@ class QConfig:
     est_refresh: int = 0
     init: str = 'lsq'
     est_stats: str = 'diag'
+    int_bias: bool = False
 
     def __post_init__(self):
         """Every check of a per-layer setting (the only place they are written)."""
@@ -68,7 +73,7 @@ class QConfig:
             except ValueError as e:
                 raise ValueError(f'{key}: {e}') from None
         _one_of('bn_mode', self.bn_mode, BN_MODES)
-        for key in ('per_channel', 'symmetric'):
+        for key in ('per_channel', 'symmetric', 'int_bias'):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f'{key} must be True or False, got {getattr(self, key)!r}')
         if not (isinstance(self.act_signed, bool) or self.act_signed == 'auto'):

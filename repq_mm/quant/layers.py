@@ -35,6 +35,35 @@ class _EvalWeightCache:
         return cache[1]
 
 
+def int_grid_bias(bias: torch.Tensor | None, w_quant: LSQQuantizer | None,
+                  a_quant: LSQQuantizer | None) -> torch.Tensor | None:
+    """``bias`` on the integer accumulator's grid, ``round(b / (s_a s_w)) * s_a s_w``
+    (per output channel with per-channel weights), straight-through (gradient 1 to the
+    bias, none to the step sizes): the int32 bias of an integer conv / GEMM
+    (``QLinearConv``, ``QGemm``), so that the fake-quant model computes what the integer
+    kernel computes. Unchanged (returned as is) without a bias, without an enabled weight and
+    per-tensor activation quantizer, or before they are initialised.
+
+    Example:
+        >>> qcfg = QConfig(w_bits=4, a_bits=4, int_bias=True)
+        >>> conv = QConv2d.from_float(nn.Conv2d(3, 8, 3), qcfg)
+        >>> _ = conv(torch.randn(2, 3, 8, 8))          # initialises the step sizes
+        >>> s = conv.a_quant.scale() * conv.w_quant.scale()
+        >>> b = conv.quantized_bias()
+        >>> bool(torch.equal(b, torch.round(conv.bias / s) * s))
+        True
+    """
+    if bias is None or w_quant is None or a_quant is None or not w_quant.enabled or \
+            not a_quant.enabled or a_quant.per_channel or not w_quant.is_initialized or \
+            not a_quant.is_initialized:
+        return bias
+    s = a_quant.scale().detach().float().reshape(()) * \
+        w_quant.scale().detach().float().reshape(-1)
+    b = bias.float()
+    b = b + (torch.round(b / s) * s - b).detach()
+    return b.to(bias.dtype)
+
+
 def clear_weight_caches(model: nn.Module) -> None:
     """Drop every eval-mode merged / quantized weight cache in ``model``."""
     for m in model.modules():
@@ -44,7 +73,8 @@ def clear_weight_caches(model: nn.Module) -> None:
 
 class QConv2d(nn.Conv2d, _EvalWeightCache):
     """``nn.Conv2d`` with LSQ fake quantizers on its weight (``w_quant``) and its input
-    (``a_quant``). Either may be ``None`` (not quantized).
+    (``a_quant``). Either may be ``None`` (not quantized). ``int_bias``: the bias on the integer
+    accumulator's grid (:func:`int_grid_bias`).
 
     Example:
         >>> conv = nn.Conv2d(3, 8, 3, padding=1)
@@ -54,10 +84,11 @@ class QConv2d(nn.Conv2d, _EvalWeightCache):
     """
 
     def __init__(self, *args, w_quant: LSQQuantizer | None = None,
-                 a_quant: LSQQuantizer | None = None, **kwargs):
+                 a_quant: LSQQuantizer | None = None, int_bias: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.w_quant = w_quant
         self.a_quant = a_quant
+        self.int_bias = bool(int_bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, qcfg: QConfig) -> 'QConv2d':
@@ -67,7 +98,7 @@ class QConv2d(nn.Conv2d, _EvalWeightCache):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                 conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                 w_quant=qcfg.weight_quantizer(conv.out_channels), a_quant=qcfg.act_quantizer(),
-                device=conv.weight.device, dtype=conv.weight.dtype)
+                int_bias=qcfg.int_bias, device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             q.weight.copy_(conv.weight)
             if conv.bias is not None:
@@ -81,9 +112,15 @@ class QConv2d(nn.Conv2d, _EvalWeightCache):
                             lambda: self.w_quant(self.weight), self.w_quant)
 
     def quantized_bias(self) -> torch.Tensor | None:
-        """The bias the layer adds (float; integer export replaces it, see
+        """The bias the layer adds: on the int32 grid with ``int_bias``
+        (:func:`int_grid_bias`), else as it is (the integer export rounds it, see
         :mod:`repq_mm.export`)."""
+        if self.int_bias:
+            return int_grid_bias(self.bias, self.w_quant, self.a_quant)
         return self.bias
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (', int_bias=True' if self.int_bias else '')
 
     def forward(self, x):
         if self.a_quant is not None:
@@ -101,16 +138,17 @@ class QLinear(nn.Linear, _EvalWeightCache):
     """
 
     def __init__(self, *args, w_quant: LSQQuantizer | None = None,
-                 a_quant: LSQQuantizer | None = None, **kwargs):
+                 a_quant: LSQQuantizer | None = None, int_bias: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.w_quant = w_quant
         self.a_quant = a_quant
+        self.int_bias = bool(int_bias)
 
     @classmethod
     def from_float(cls, fc: nn.Linear, qcfg: QConfig) -> 'QLinear':
         q = cls(fc.in_features, fc.out_features, fc.bias is not None,
                 w_quant=qcfg.weight_quantizer(fc.out_features), a_quant=qcfg.act_quantizer(),
-                device=fc.weight.device, dtype=fc.weight.dtype)
+                int_bias=qcfg.int_bias, device=fc.weight.device, dtype=fc.weight.dtype)
         with torch.no_grad():
             q.weight.copy_(fc.weight)
             if fc.bias is not None:
@@ -124,8 +162,15 @@ class QLinear(nn.Linear, _EvalWeightCache):
                             lambda: self.w_quant(self.weight), self.w_quant)
 
     def quantized_bias(self) -> torch.Tensor | None:
-        """The bias the layer adds (float; integer export replaces it)."""
+        """The bias the layer adds: on the int32 grid with ``int_bias``
+        (:func:`int_grid_bias`), else as it is (the integer export rounds it, see
+        :mod:`repq_mm.export`)."""
+        if self.int_bias:
+            return int_grid_bias(self.bias, self.w_quant, self.a_quant)
         return self.bias
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (', int_bias=True' if self.int_bias else '')
 
     def forward(self, x):
         if self.a_quant is not None:

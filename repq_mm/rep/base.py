@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.config import BN_MODES, QConfig
-from ..quant.layers import QConv2d, _EvalWeightCache, frozen_copy
+from ..quant.layers import QConv2d, _EvalWeightCache, frozen_copy, int_grid_bias
 from .estimators import kron_estimate, tap_statistics
 from .fold_est import fold_est, merge_est
 from .kernels import apply_to_channels, centre_offset, compose, pad_to, regroup
@@ -242,6 +242,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
         self.repq = False
         self.bn_mode = 'exact'
         self.est_refresh = 0      # BNEst: exact statistics every k steps to correct the estimate
+        self.int_bias = False     # bias on the int32 grid (QConfig.int_bias)
         self.est_stats = 'diag'   # BNEst estimator: 'diag' (paper) | 'kron' (estimators.py)
         self._est_schedule = _CallCounter()
         self._refresh_next: bool | None = None
@@ -482,13 +483,24 @@ class RepBlock(nn.Module, _EvalWeightCache):
         return out
 
     def _kron_statistics(self, x):
-        """``bn -> TapStats`` for ``est_stats='kron'``, each geometry computed once per call."""
+        """``bn -> TapStats`` for ``est_stats='kron'``, each geometry computed once per call;
+        a geometry centred in the block's own (same stride, e.g. a 1x1 branch without
+        padding in a 3x3 block with padding 1: the same output grid) uses the block's
+        statistics (:func:`~.estimators.kron_estimate` takes the centre taps)."""
         geoms = self._bn_geometries()
         sync = next((grp for grp in map(sync_group, self.bns()) if grp is not False), False)
+        own = (tuple(self.kernel_size), tuple(self.stride), tuple(self.padding))
         cache = {}
+
+        def centred(g):
+            (k, s, p), (K, S, P) = g, own
+            return s == S and all(K[d] >= k[d] and (K[d] - k[d]) % 2 == 0 and
+                                  P[d] - p[d] == (K[d] - k[d]) // 2 for d in (0, 1))
 
         def stats(bn):
             g = geoms[id(bn)]
+            if g != own and centred(g) and any(geoms[id(b)] == own for b in self.bns()):
+                g = own
             if g not in cache:
                 cache[g] = tap_statistics(x, *g, sync=sync)
             return cache[g]
@@ -609,20 +621,25 @@ class RepBlock(nn.Module, _EvalWeightCache):
         self.repq = True
         self.bn_mode = qcfg.bn_mode
         self.est_stats = qcfg.est_stats
+        self.int_bias = qcfg.int_bias
         self._setup_est_correction(qcfg.est_refresh)
         if quantize:
             self.w_quant = qcfg.weight_quantizer(self.out_channels)
             self.a_quant = qcfg.act_quantizer()
         return self
 
+    def _quantized(self, w, b):
+        wq = self.w_quant(w) if self.w_quant is not None else w
+        if self.int_bias:
+            b = int_grid_bias(b, self.w_quant, self.a_quant)
+        return wq, b
+
     def _merged_quantized(self, xq):
         if any(bn_uses_batch_stats(b) for b in self.bns()):
-            w, b = self.merge(xq)
-            return (self.w_quant(w) if self.w_quant is not None else w), b
+            return self._quantized(*self.merge(xq))
 
         def compute():
-            w, b = self.merge(None, 'running')
-            return (self.w_quant(w) if self.w_quant is not None else w), b
+            return self._quantized(*self.merge(None, 'running'))
         return self._cached(list(self.parameters()) + list(self.buffers()), compute,
                             self.w_quant)
 
@@ -653,8 +670,9 @@ class RepBlock(nn.Module, _EvalWeightCache):
         else:
             conv = QConv2d(self.in_channels, self.out_channels, self.kernel_size,
                            w_quant=frozen_copy(self.w_quant), a_quant=frozen_copy(self.a_quant),
-                           **kw)
-            conv.weight.copy_(self.w_quant(w) if self.w_quant is not None else w)
+                           int_bias=self.int_bias, **kw)
+            w, b = self._quantized(w, b)
+            conv.weight.copy_(w)
         conv.bias.copy_(b)
         if isinstance(self.act, nn.Identity):
             return conv

@@ -95,12 +95,13 @@ def test_deploy_equals_multi_branch(name, data):
 @pytest.mark.parametrize('name', NAMES)
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data(), w_bits=st.integers(2, 8), a_bits=st.integers(2, 8),
-       per_channel=st.booleans(), bn_mode=st.sampled_from(['exact', 'est']))
+       per_channel=st.booleans(), bn_mode=st.sampled_from(['exact', 'est']),
+       int_bias=st.booleans())
 def test_quantized_deploy_equals_qat(name, data, w_bits, a_bits, per_channel,
-                                          bn_mode):
+                                          bn_mode, int_bias):
     block, x, gen = build(data.draw(block_case(name)))
     block.train().enable_repq(QConfig(w_bits=w_bits, a_bits=a_bits, bn_mode=bn_mode,
-                                      per_channel=per_channel))
+                                      per_channel=per_channel, int_bias=int_bias))
     with torch.no_grad():
         block(x + 0.1 * torch.randn(x.shape, generator=gen))   # init steps, update BN stats
         block.eval()
@@ -114,6 +115,10 @@ def test_quantized_deploy_equals_qat(name, data, w_bits, a_bits, per_channel,
     qn, qp = block.w_quant.qrange
     assert (codes - codes.round()).abs().max() < 1e-3
     assert codes.round().min() >= -qn and codes.round().max() <= qp
+    assert conv.int_bias == int_bias
+    if int_bias:          # the bias on the int32 accumulator grid s_a s_w, in QAT and deploy
+        b_codes = conv.bias / (block.a_quant.scale() * block.w_quant.scale()).reshape(-1)
+        assert (b_codes - b_codes.round()).abs().max() <= 1e-3 * max(1, b_codes.abs().max())
     assert y_qat.shape == y_dep.shape
     # the deployed conv runs the very weight, bias and input quantizer of the QAT eval
     # forward: equal up to float rounding (not within a quantization step)

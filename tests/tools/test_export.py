@@ -48,7 +48,8 @@ def to_input(imgs: np.ndarray) -> torch.Tensor:
     return (x - 72.94) / 90.02
 
 
-def tiny_net(w_bits=4, a_bits=4, per_channel=True, symmetric=False, act_signed='auto'):
+def tiny_net(w_bits=4, a_bits=4, per_channel=True, symmetric=False, act_signed='auto',
+             int_bias=False):
     torch.manual_seed(0)
     net = nn.Sequential(RepVGGBlock(1, 16, stride=2, act=nn.ReLU()),
                         RepVGGBlock(16, 16, act=nn.ReLU()),
@@ -56,7 +57,7 @@ def tiny_net(w_bits=4, a_bits=4, per_channel=True, symmetric=False, act_signed='
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     q = convert_to_repq(net, w_bits=w_bits, a_bits=a_bits, per_channel=per_channel,
                         first_bits=8, last_bits=8, symmetric=symmetric, bn_mode='est',
-                        act_signed=act_signed)
+                        act_signed=act_signed, int_bias=int_bias)
     opt = torch.optim.SGD(q.parameters(), lr=0.01)
     x = to_input(fmnist_images(32, 100))
     q.train()
@@ -411,6 +412,44 @@ def test_export_int32_bias(tmp_path, per_channel):
     assert res['within_one_step'] and res['max_abs'] <= res['one_step'], res
     assert all(s['max_diff'] <= 1 for s in res['act_codes'].values()), res
     assert 0 <= res['bias_effect'] <= res['one_step']
+
+
+@pytest.mark.parametrize('w_bits,a_bits', [(4, 4), (8, 8)])
+def test_int_bias_model_is_what_the_file_computes(tmp_path, w_bits, a_bits):
+    """Trained with ``int_bias``, the QAT model, the merged model and the integer ONNX file
+    have the same biases: the export has nothing left to round (``bias_effect`` 0, every
+    int32 code is the model's own), and onnxruntime's deployed graph agrees with PyTorch
+    layer by layer and end to end; without it the export's rounding moves the outputs."""
+    x = to_input(fmnist_images(32))
+    effect = {}
+    for int_bias in (False, True):
+        q = tiny_net(w_bits, a_bits, int_bias=int_bias)
+        merged = merge_model(q)
+        with torch.no_grad():
+            assert torch.allclose(merged(x), q(x), atol=1e-5, rtol=0)
+        path = str(tmp_path / f'q{int_bias}.onnx')
+        info = export_onnx(q, torch.zeros(1, 1, 32, 32), path)
+        res = compare_onnx(q, path, x, optimized=True)
+        assert res['within_one_step'] and res['deployed']['within_one_step'], res
+        effect[int_bias] = res['bias_effect']
+        if not int_bias:
+            continue
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+        layers = [m for m in merged.modules() if getattr(m, 'w_quant', None) is not None]
+        assert layers and all(m.int_bias for m in layers)
+        n = 0
+        for rec, layer in zip([r for r in info['quantizers'] if r['kind'] == 'weight'],
+                              info['layers']):
+            if rec['bias'] != 'int32':
+                continue
+            mod = dict(merged.named_modules())[layer['name']]
+            s = (mod.a_quant.scale() * mod.w_quant.scale()).detach().reshape(-1).numpy()
+            f = np.asarray(rec.get('code_factor', 1))
+            own = np.round(mod.bias.detach().numpy() / s)       # the model's own codes
+            np.testing.assert_array_equal(inits[f'{layer["name"]}.bias_int32'], own * f)
+            n += 1
+        assert n >= 1
+    assert effect[True] == 0.0 and effect[False] > 0, effect
 
 
 @pytest.mark.parametrize('form', ['fused', 'qdq'])
