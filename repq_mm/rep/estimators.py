@@ -117,8 +117,12 @@ def tap_statistics(x: torch.Tensor, kernel, stride, padding, sync=False,
         view = xs[:, :, oh:oh + sh * (ho - 1) + 1:sh, ow:ow + sw * (wo - 1) + 1:sw]
     else:
         view = _tap_views(F.pad(xs, (pw, pw, ph, ph)), kernel, stride, (ho, wo))[centre]
-    zc = (view - means[:, centre].reshape(1, -1, 1, 1)).reshape(n_img, c, -1)
-    gram = torch.bmm(zc, zc.transpose(1, 2)).sum(0)                   # (C, C)
+    zc = view.transpose(0, 1).reshape(c, -1) - means[:, centre, None]   # (C, N Ho Wo)
+    gram = zc @ zc.t()                                                 # (C, C)
+    if kh * kw == 1:             # one tap: no spatial correlation to measure
+        gram = _all_reduce_sum(gram, group)
+        return TapStats(means.reshape(c, 1, 1), gram / count, xs.new_ones((1, 1)),
+                        int(round(n)))
     # tap-pair covariance summed over channels, on at most `budget` input elements
     n_sub = max(1, min(n_img, math.ceil(budget / max(1, c * ho * wo))))
     xp = F.pad(xs[:n_sub], (pw, pw, ph, ph))
@@ -126,10 +130,8 @@ def tap_statistics(x: torch.Tensor, kernel, stride, padding, sync=False,
                       enumerate(_tap_views(xp, kernel, stride, (ho, wo)))])
     zt = zt.reshape(kh * kw, -1)
     pair = zt @ zt.t()                                                 # (K, K)
-    sub_count = xs.new_tensor([float(n_sub * ho * wo)])
-    packed = _all_reduce_sum(torch.cat([gram.reshape(-1), pair.reshape(-1), sub_count]),
-                             group)
-    gram, pair = packed[:c * c].reshape(c, c), packed[c * c:-1].reshape(kh * kw, kh * kw)
+    packed = _all_reduce_sum(torch.cat([gram.reshape(-1), pair.reshape(-1)]), group)
+    gram, pair = packed[:c * c].reshape(c, c), packed[c * c:].reshape(kh * kw, kh * kw)
     cov = gram / count
     corr = pair / pair[centre, centre].clamp(min=torch.finfo(sd).tiny)
     return TapStats(means.reshape(c, kh, kw), cov, corr, int(round(n)))
@@ -153,14 +155,18 @@ def kron_estimate(W: torch.Tensor, B: torch.Tensor, stats: TapStats, groups: int
     k = kh * kw
     means, corr = _centre_slice(stats, kh, kw)
     c = means.shape[0]
-    wg = W.reshape(groups, o // groups, ig, k).to(stats.cov.dtype)
+    if c != ig * groups:
+        raise ValueError(f'statistics for {c} channels, kernel for {ig * groups}')
+    og = o // groups
+    wg = W.reshape(groups, og, ig, k).to(stats.cov.dtype)
     mg = means.reshape(groups, ig, k)
     mean = torch.einsum('goit,git->go', wg, mg).reshape(o) + B
     cov = torch.stack([stats.cov[g * ig:(g + 1) * ig, g * ig:(g + 1) * ig]
                        for g in range(groups)]) if groups > 1 else stats.cov[None]
-    cw = torch.einsum('gij,gojt->goit', cov, wg)                      # C W per output
-    quad = torch.einsum('goit,gois->gots', wg, cw)                   # W^T C W: (K, K)
-    var = (quad * corr).sum((2, 3)).reshape(o).clamp(min=0)
-    if c != ig * groups:
-        raise ValueError(f'statistics for {c} channels, kernel for {ig * groups}')
+    # W^T C W per output channel, (K, K): one (O K, C) x (C, C) product per group, then a
+    # batch of (K, C) x (C, K) products (no einsum permutes of the kernel)
+    wt = wg.transpose(2, 3)                                             # (g, o, K, C)
+    cw = torch.matmul(wt.reshape(groups, og * k, ig), cov).reshape(groups * og, k, ig)
+    quad = torch.bmm(cw, wg.reshape(groups * og, ig, k))                # (O, K, K)
+    var = (quad * corr).sum((1, 2)).clamp(min=0)
     return mean, var

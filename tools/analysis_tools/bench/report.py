@@ -16,6 +16,7 @@ EAGER_TARGETS = (
     ('repq_est', 'fp_multibranch', 0.5, 'RepQ-BNEst / FP multi-branch'),
     ('repq_est', 'lsq', 1.3, 'RepQ-BNEst / LSQ baseline'),
     ('repq_bn', 'fp_multibranch', 1.5, 'RepQ-BN / FP multi-branch'),
+    ('repq_estk', 'repq_est', 1.15, 'RepQ-BNEst kron / RepQ-BNEst diag'),
 )
 #: compiled targets (issue 11): (variant, reference variant, reference compiled?, limit,
 #: label); the variant is always the compiled one

@@ -8,6 +8,7 @@ and :func:`repq_mm.merge_model`, the same calls a user makes:
 * ``lsq``: ``convert_to_repq(merge_model(fp))``: the paper's LSQ baseline;
 * ``repq_bn`` / ``repq_est``: ``convert_to_repq`` with ``bn_mode='exact'`` / ``'est'``;
 * ``repq_estc8``: BNEst with exact statistics every 8th step (``est_refresh=8``);
+* ``repq_estk``: BNEst with the Kronecker-factored statistics (``est_stats='kron'``);
 * ``repq_bn_noquant`` / ``repq_est_noquant``: the merged RepQ forward without quantizers;
 * ``mm_fp_multibranch``: mmpretrain's own RepVGG (reference, when installed).
 
@@ -46,6 +47,7 @@ TRAIN_VARIANTS = {
     'repq_bn': 'RepQ-BN (exact stats)',
     'repq_est': 'RepQ-BNEst',
     'repq_estc8': 'RepQ-BNEst + exact-stats correction every 8 steps',
+    'repq_estk': 'RepQ-BNEst, Kronecker statistics (est_stats=kron)',
     'repq_bn_noquant': 'RepQ-BN merge, no quantizers',
     'repq_est_noquant': 'RepQ-BNEst merge, no quantizers',
     'mm_fp_multibranch': 'mmpretrain RepVGG FP multi-branch',
@@ -215,6 +217,9 @@ def make_variant(name: str, base: nn.Module, qcfg: QConfig, *,
         return convert_to_repq(merge_model(m, inplace=True), qcfg=qcfg, inplace=True)
     if name == 'repq_estc8':
         return convert_to_repq(m, qcfg=qcfg.replace(bn_mode='est', est_refresh=8),
+                               inplace=True)
+    if name == 'repq_estk':
+        return convert_to_repq(m, qcfg=qcfg.replace(bn_mode='est', est_stats='kron'),
                                inplace=True)
     mode = 'exact' if name.startswith('repq_bn') else 'est'
     return convert_to_repq(m, qcfg=qcfg.replace(bn_mode=mode),
