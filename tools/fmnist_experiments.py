@@ -28,10 +28,12 @@ from experiment_utils import (ROOT, add_lsq_impl_arg, cached, cfg_opts,  # noqa:
                               lsq_impl_opts, run, save, stock_test_tool, train)
 
 CFG_DIR = osp.join(ROOT, 'configs', 'repvgg_fmnist')
-METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc']
+METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc', 'repq-bnestk']
+DEFAULT_METHODS = METHODS[:5]
 LABELS = {'fp': 'FP (multi-branch)', 'ptq': 'PTQ (merged)', 'lsq': 'LSQ baseline',
           'repq-bn': 'RepQ-BN', 'repq-bnest': 'RepQ-BNEst',
-          'repq-bnestc': 'RepQ-BNEst + correction every 8 steps (ours)'}
+          'repq-bnestc': 'RepQ-BNEst + correction every 8 steps (ours)',
+          'repq-bnestk': 'RepQ-BNEst, Kronecker statistics (ours)'}
 ACC_RE = re.compile(r'accuracy/top1:\s*([0-9.]+)')
 QUICK = ['train_dataloader.dataset.indices=512', 'val_dataloader.dataset.indices=500',
          'test_dataloader.dataset.indices=500', 'train_cfg.max_epochs=1',
@@ -61,9 +63,23 @@ def run_fp(args, seed, opts):
     return save(wd, dict(acc=accuracy(out, 'FP test'), checkpoint=ckpt))
 
 
+def bits_spec(text: str) -> tuple:
+    """``'8'`` -> (8, 8), ``'4a8'`` or ``'w4a8'`` -> (4, 8): weight and activation bits."""
+    m = re.fullmatch(r'w?(\d+)(?:a(\d+))?', text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f'bits {text!r}: expected a width (8, 4) or weight/activation widths (4a8, w4a8)')
+    w = int(m.group(1))
+    return w, int(m.group(2) or w)
+
+
+def bits_name(bits: tuple) -> str:
+    return f'w{bits[0]}a{bits[1]}'
+
+
 def run_quant(args, seed, method, bits, fp_ckpt, opts):
-    name = f'repvgg-A0w16_{method}_w{bits}a{bits}_fmnist'
-    wd = osp.join(args.work_root, f'seed{seed}', f'{method}_w{bits}a{bits}')
+    name = f'repvgg-A0w16_{method}_{bits_name(bits)}_fmnist'
+    wd = osp.join(args.work_root, f'seed{seed}', f'{method}_{bits_name(bits)}')
     res = cached(wd, args.force)
     if res:
         print(f'  {name} seed {seed}: reusing {wd}')
@@ -72,7 +88,7 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
     cfg = osp.join(CFG_DIR, name + '.py')
     common = [f'model.init_checkpoint={fp_ckpt}', f'randomness.seed={seed}', *opts,
               *lsq_impl_opts(args)]
-    label = f'{LABELS[method]} W{bits}A{bits} (seed {seed})'
+    label = f'{LABELS[method]} {bits_name(bits).upper()} (seed {seed})'
     if method == 'ptq':  # calibrate + evaluate, no training
         out = run([py, 'tools/test.py', cfg, 'none', '--work-dir', wd,
                    '--cfg-options', *common], osp.join(wd, 'test.log'), f'{label}: calibrate '
@@ -108,8 +124,9 @@ def fmt(values):
 
 
 def table(results, seeds, bits_list):
-    lines = ['| method | ' + ' | '.join(f'W{b}A{b} top-1 (%)' for b in bits_list) +
-             ' | ' + ' | '.join(f'W{b}A{b} merged, stock test (%)' for b in bits_list) + ' |',
+    heads = [bits_name(b).upper() for b in bits_list]
+    lines = ['| method | ' + ' | '.join(f'{h} top-1 (%)' for h in heads) +
+             ' | ' + ' | '.join(f'{h} merged, stock test (%)' for h in heads) + ' |',
              '|---' * (1 + 2 * len(bits_list)) + '|']
     fp = [results[s]['fp']['acc'] for s in seeds]
     lines.append(f'| {LABELS["fp"]} | ' + ' | '.join(fmt(fp) for _ in bits_list) + ' | ' +
@@ -128,8 +145,10 @@ def table(results, seeds, bits_list):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--seeds', type=int, nargs='+', default=[0])
-    ap.add_argument('--bits', type=int, nargs='+', default=[8, 4])
-    ap.add_argument('--methods', nargs='*', default=METHODS, choices=METHODS)
+    ap.add_argument('--bits', type=bits_spec, nargs='+', default=[(8, 8), (4, 4)],
+                    help='bit widths: 8, 4 (weights = activations) or 4a8 (4-bit weights, '
+                    '8-bit activations)')
+    ap.add_argument('--methods', nargs='*', default=DEFAULT_METHODS, choices=METHODS)
     ap.add_argument('--work-root', default=osp.join(ROOT, 'work_dirs', 'fmnist'))
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--quick', action='store_true',
@@ -148,7 +167,8 @@ def main(argv=None):
         for bits in args.bits:
             for m in args.methods:
                 r[(m, bits)] = run_quant(args, seed, m, bits, r['fp']['checkpoint'], opts)
-                msg = f'  {LABELS[m]} W{bits}A{bits}: top-1 {r[(m, bits)]["acc"]:.2f}'
+                msg = (f'  {LABELS[m]} {bits_name(bits).upper()}: '
+                       f'top-1 {r[(m, bits)]["acc"]:.2f}')
                 if 'merged_acc' in r[(m, bits)]:
                     msg += f' (merged, stock test: {r[(m, bits)]["merged_acc"]:.2f})'
                 print(msg, flush=True)
@@ -160,7 +180,7 @@ def main(argv=None):
     with open(osp.join(args.work_root, 'results.md'), 'w') as f:
         f.write(head + md + '\n')
     with open(osp.join(args.work_root, 'results.json'), 'w') as f:
-        json.dump({str(s): {('fp' if k == 'fp' else f'{k[0]}_w{k[1]}a{k[1]}'): v
+        json.dump({str(s): {('fp' if k == 'fp' else f'{k[0]}_{bits_name(k[1])}'): v
                             for k, v in r.items()} for s, r in results.items()}, f, indent=1)
     return 0
 

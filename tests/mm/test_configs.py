@@ -39,7 +39,8 @@ PY = sys.executable
 IMAGENET = sorted(glob.glob(osp.join(ROOT, 'configs/repvgg_imagenet/*_w*a*_*.py')))
 FMNIST = sorted(glob.glob(osp.join(ROOT, 'configs/repvgg_fmnist/*.py')))
 FMNIST_DATA = osp.join(ROOT, 'data', 'fashion_mnist')
-NAME_RE = re.compile(r'_(fp|ptq|lsq|repq-bn|repq-bnest|repq-bnestc)(?:_w(\d)a(\d))?_')
+NAME_RE = re.compile(r'_(fp|ptq|lsq|repq-bn|repq-bnest|repq-bnestc|repq-bnestk)'
+                     r'(?:_w(\d)a(\d))?_')
 
 
 def test_config_sets():
@@ -49,8 +50,9 @@ def test_config_sets():
         f'repvgg-{arch}_{m}_w{b}a{b}_8xb32_in1k.py' for arch in ('A0', 'B0')
         for m in ('lsq', 'repq-bn', 'repq-bnest') for b in (8, 4)}
     assert {osp.basename(p) for p in FMNIST} == {'repvgg-A0w16_fp_fmnist.py'} | {
-        f'repvgg-A0w16_{m}_w{b}a{b}_fmnist.py'
-        for m in ('ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc') for b in (8, 4)}
+        f'repvgg-A0w16_{m}_w{w}a{a}_fmnist.py'
+        for m in ('ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc', 'repq-bnestk')
+        for w, a in ((8, 8), (4, 4), (4, 8))}
 
 
 def _check_declared(cfg, path):
@@ -67,6 +69,7 @@ def _check_declared(cfg, path):
     if method == 'repq':
         assert repq.bn_mode == ('exact' if kind == 'repq-bn' else 'est')
         assert repq.get('est_refresh', 0) == (8 if kind == 'repq-bnestc' else 0)
+        assert repq.get('est_stats', 'diag') == ('kron' if kind == 'repq-bnestk' else 'diag')
     hooks = [h['type'] for h in cfg.custom_hooks]
     assert hooks.count('LSQCalibHook') == 1
     assert ('BNEstHook' in hooks) == kind.startswith('repq-bnest')

@@ -1,0 +1,8 @@
+# RepQ-BNEst: BN statistics estimated from the input moments (no second conv); running
+# statistics re-estimated with exact batch statistics over 50 batches at the end.
+_base_ = ['../_base_/repq_finetune_fmnist.py']
+
+model = dict(repq=dict(
+    method='repq', w_bits=4, a_bits=8, bn_mode='est', per_channel=True, init='mse',
+    first_bits=8, last_bits=8))   # LSQ recipe: first and last layer at 8 bits
+custom_hooks = [dict(type='LSQCalibHook'), dict(type='BNEstHook', reestimate_batches=50)]
