@@ -12,18 +12,52 @@ Example config (mmpretrain; the form every tool builds, see :mod:`repq_mm.mm.con
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import warnings
 
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS, DefaultScope
+import torch
 from torch import nn
 
 from ..convert import convert_to_repq, merge_model
 from ..settings import REPQ_DEFAULTS, RepQConfig
 from .checkpoint import register_safe_globals
 
-__all__ = ['RepQModel', 'check_repq_cfg', 'REPQ_DEFAULTS', 'load_float_checkpoint']
+__all__ = ['RepQModel', 'check_repq_cfg', 'REPQ_DEFAULTS', 'load_float_checkpoint',
+           'RECORDED_KEYS', 'SettingsMismatchWarning', 'settings_mismatch']
+
+#: the ``repq`` keys that decide what a trained model computes: recorded in every
+#: ``RepQModel`` state dict (entry ``_extra_state``) and compared when one is loaded
+RECORDED_KEYS = ('method', 'w_bits', 'a_bits', 'per_channel', 'act_signed', 'symmetric',
+                 'first_bits', 'last_bits', 'layer_bits', 'skip', 'int_bias')
+
+
+class SettingsMismatchWarning(UserWarning):
+    """A checkpoint was trained with other ``repq`` settings than the model it is loaded
+    into (bit widths, ``int_bias``, ...): its step sizes and biases mean something else."""
+
+
+def _plain(v):
+    """Settings as plain containers (lists for tuples, dicts for ConfigDicts)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def settings_mismatch(recorded: dict, current: dict, keys=RECORDED_KEYS) -> dict:
+    """``{key: (recorded, current)}`` for the ``keys`` whose values differ (keys the
+    record lacks are not compared)."""
+    return {k: (recorded[k], _plain(current.get(k))) for k in keys
+            if k in recorded and _plain(recorded[k]) != _plain(current.get(k))}
+
+
+def mismatch_text(diff: dict) -> str:
+    return ', '.join(f'{k}={a!r} (this model: {b!r})' for k, (a, b) in diff.items())
 
 
 def check_repq_cfg(repq: dict | None) -> dict:
@@ -102,6 +136,10 @@ class RepQModel(BaseModel):
     does not have are looked up on ``architecture`` (``model.backbone``, ``model.head``).
     """
 
+    #: the recorded settings of the last checkpoint loaded (``None``: none loaded, or one
+    #: that records none)
+    loaded_settings = None
+
     def __init__(self, architecture, repq: dict | None = None,
                  init_checkpoint: str | None = None, data_preprocessor=None,
                  init_cfg=None):
@@ -149,6 +187,54 @@ class RepQModel(BaseModel):
         if cfg.deploy:
             arch = merge_model(arch, inplace=True)
         return arch
+
+    # -- the settings recorded in checkpoints ------------------------------------------------
+    def recorded_settings(self) -> dict:
+        """The :data:`RECORDED_KEYS` of this model's settings (plain containers)."""
+        return {k: _plain(self.repq_cfg[k]) for k in RECORDED_KEYS}
+
+    def get_extra_state(self) -> torch.Tensor:
+        """Saved with the weights (``_extra_state``): the settings the weights belong to, as
+        the UTF-8 bytes of ``{"repq": {...}}`` in a uint8 tensor (state dicts stay
+        tensor-only for tracing, ONNX export and weight averaging)."""
+        text = json.dumps({'repq': self.recorded_settings()}, sort_keys=True)
+        return torch.tensor(list(text.encode('utf-8')), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Keep the loaded checkpoint's settings (``loaded_settings``) and warn
+        (:class:`SettingsMismatchWarning`) when they differ from this model's."""
+        try:
+            if isinstance(state, torch.Tensor):
+                state = json.loads(bytes(state.to(torch.uint8).tolist()).decode('utf-8'))
+        except (UnicodeDecodeError, ValueError):
+            state = None
+        rec = state.get('repq') if isinstance(state, dict) else None
+        if not isinstance(rec, dict):
+            raise ValueError(f'RepQModel: the checkpoint\'s recorded settings are unreadable: '
+                             f'{state!r:.200}')
+        self.__dict__['loaded_settings'] = rec
+        diff = settings_mismatch(rec, self.repq_cfg)
+        if diff:
+            msg = ('RepQModel: the checkpoint was trained with other repq settings: '
+                   f'{mismatch_text(diff)}. Its step sizes / biases belong to those settings; '
+                   'use the config it was trained with (the copy in its work_dir) or set them, '
+                   'e.g. --cfg-options ' + ' '.join(f'model.repq.{k}={a!r}'
+                                                    for k, (a, _) in diff.items()))
+            warnings.warn(msg, SettingsMismatchWarning, stacklevel=2)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + '_extra_state'
+        had = key in state_dict
+        self.__dict__['loaded_settings'] = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if not had:       # a checkpoint from before the settings were recorded
+            if key in missing_keys:
+                missing_keys.remove(key)
+            print_log('RepQModel: the checkpoint records no repq settings (written before '
+                      'repq_mm recorded them); its bit widths and int_bias are not checked '
+                      'against the config', logger='current', level=logging.WARNING)
 
     # -- mmengine API ----------------------------------------------------------------------
     def init_weights(self):

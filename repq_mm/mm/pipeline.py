@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os.path as osp
+import warnings
 
 from mmengine.registry import MODELS, init_default_scope
 from torch import nn
@@ -33,7 +34,8 @@ from torch import nn
 from ..convert import merge_model
 from .checkpoint import load_weights
 from .config import is_repq_model
-from .model import check_repq_cfg
+from .model import (SettingsMismatchWarning, check_repq_cfg, mismatch_text,
+                    settings_mismatch)
 
 __all__ = ['repq_model_cfg', 'repq_settings', 'build_repq_model', 'load_qat_model',
            'eval_dataloader', 'EVAL_SPLITS']
@@ -93,7 +95,18 @@ def load_qat_model(cfg, checkpoint: str, merge: bool = False, error=ValueError,
     settings = check_repq_cfg({**repq_settings(cfg), **(repq_overrides or {})})
     if not osp.isfile(checkpoint):
         raise error(f'checkpoint {checkpoint} does not exist')
-    ck = load_weights(model, checkpoint, error)
+    with warnings.catch_warnings():     # a mismatch is an error here (below)
+        warnings.simplefilter('ignore', SettingsMismatchWarning)
+        ck = load_weights(model, checkpoint, error)
+    recorded = getattr(model, 'loaded_settings', None)
+    if recorded is not None:
+        diff = {k: v for k, v in settings_mismatch(recorded, settings).items()
+                if k not in (repq_overrides or {})}
+        if diff:
+            raise error(f'checkpoint {checkpoint} was trained with other repq settings than '
+                        f'the config: {mismatch_text(diff)}; use the config it was trained '
+                        'with (the copy in its work_dir) or --cfg-options ' +
+                        ' '.join(f'model.repq.{k}={a!r}' for k, (a, _) in diff.items()))
     model.eval()
     if merge and not settings['deploy']:
         model = merge_model(model, inplace=True).eval()

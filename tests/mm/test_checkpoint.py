@@ -3,6 +3,7 @@ loads with ``weights_only=True``; mmengine 0.10.7 does not pass it)."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
 
 import pytest
@@ -57,3 +58,73 @@ def test_bytes_allowlist_is_the_empty_call_only():
     with pytest.raises(pickle.UnpicklingError):
         torch.load(zbuf, weights_only=True)
     assert any(isinstance(g, tuple) and g[1] == 'builtins.bytes' for g in SAFE_GLOBALS)
+
+
+# --------------------------------------------------------------------------------------
+# the repq settings recorded in RepQModel checkpoints
+# --------------------------------------------------------------------------------------
+def _repq_model(**repq):
+    pytest.importorskip('mmpretrain')
+    from helpers import ARCH, build
+    torch.manual_seed(0)
+    return build(dict(type='RepQModel', architecture=ARCH, repq=repq))
+
+
+def test_checkpoint_records_the_settings(tmp_path):
+    """A RepQModel state dict carries the settings that decide what it computes; loading it
+    into a model with other settings warns and names them; the weights-only load of a
+    saved checkpoint keeps the record; a checkpoint without a record (older repq_mm) still
+    loads strictly, with a log line."""
+    import warnings
+
+    from repq_mm.mm.checkpoint import safe_load
+    from repq_mm.mm.model import RECORDED_KEYS, SettingsMismatchWarning
+    m = _repq_model(w_bits=4, a_bits=4, int_bias=True, skip=('head', ))
+    sd = m.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())   # tensor-only state dict
+    rec = json.loads(bytes(sd['_extra_state'].tolist()))['repq']
+    assert set(rec) == set(RECORDED_KEYS)
+    assert rec['w_bits'] == 4 and rec['int_bias'] is True and rec['skip'] == ['head']
+    path = str(tmp_path / 'ck.pth')
+    torch.save({'state_dict': sd}, path)
+    loaded = safe_load(path)['state_dict']
+    same = _repq_model(w_bits=4, a_bits=4, int_bias=True, skip=('head', ),
+                       bn_mode='est')                 # bn_mode: training only, not recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', SettingsMismatchWarning)
+        same.load_state_dict(loaded, strict=True)
+    assert same.loaded_settings == rec
+    other = _repq_model(w_bits=8, a_bits=4, skip=('head', ))
+    with pytest.warns(SettingsMismatchWarning, match=r"int_bias=True \(this model: False\)") \
+            as w:
+        other.load_state_dict(loaded, strict=True)
+    msg = str(w[0].message)
+    assert "w_bits=4 (this model: 8)" in msg and 'model.repq.w_bits=4' in msg
+    assert 'a_bits' not in msg
+    old = {k: v for k, v in loaded.items() if k != '_extra_state'}
+    fresh = _repq_model(w_bits=8, skip=('head', ))
+    fresh.load_state_dict(old, strict=True)            # no missing key, no error
+    assert fresh.loaded_settings is None
+
+
+def test_load_qat_model_refuses_other_settings(tmp_path):
+    """merge / export / ONNX evaluation (``load_qat_model``) refuse a checkpoint trained
+    with other settings, naming them and the option that fixes it, unless the caller
+    overrides exactly those keys."""
+    pytest.importorskip('mmpretrain')
+    from mmengine.config import Config
+
+    from helpers import write_config
+    from repq_mm.mm.pipeline import load_qat_model
+    m = _repq_model(w_bits=4, a_bits=4, int_bias=True)
+    path = str(tmp_path / 'ck.pth')
+    torch.save({'state_dict': m.state_dict()}, path)
+    root = str(tmp_path / 'data')
+    cfg = Config.fromfile(write_config(tmp_path / 'c.py', root, dict(w_bits=4, a_bits=4)))
+    with pytest.raises(ValueError, match=r'int_bias=True \(this model: False\).*'
+                                         r'--cfg-options model\.repq\.int_bias=True'):
+        load_qat_model(cfg, path)
+    model, _, settings = load_qat_model(cfg, path, repq_overrides=dict(int_bias=True))
+    assert settings['int_bias'] is True and model.loaded_settings['int_bias'] is True
+    model, _, _ = load_qat_model(cfg, path, repq_overrides=dict(int_bias=False))
+    assert model.loaded_settings['int_bias'] is True     # overridden on purpose: allowed
