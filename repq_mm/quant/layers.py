@@ -13,9 +13,10 @@ from .lsq import LSQQuantizer
 
 class _EvalWeightCache:
     """Caches the quantized weight while not training, keyed on tensor versions and on the
-    weight quantizer's settings (``enabled``, ``bits``, ...), so that inference does not
-    re-quantize (or re-merge) the weight on every call. Not used while training, while
-    gradients are needed, or inside ``torch.compile`` (which traces the computation)."""
+    settings (``enabled``, ``bits``, ...) of the quantizers it depends on (the weight's; with
+    ``int_bias`` the input's too), so that inference does not re-quantize (or re-merge) the
+    weight on every call. Not used while training, while gradients are needed, or inside
+    ``torch.compile`` (which traces the computation)."""
 
     def _cached(self, key_tensors, compute, quantizer=None):
         if self.training or torch.is_grad_enabled() and any(
@@ -25,8 +26,9 @@ class _EvalWeightCache:
         if torch.compiler.is_compiling():
             return compute()
         key = tuple((id(t), t._version, t.device) for t in key_tensors)
-        if quantizer is not None:
-            key += (quantizer.state_key(),)
+        for q in (quantizer if isinstance(quantizer, (list, tuple)) else (quantizer, )):
+            if q is not None:
+                key += (q.state_key(),)
         cache = self.__dict__.get('_wcache')
         if cache is None or cache[0] != key:
             with torch.no_grad():

@@ -641,7 +641,7 @@ class RepBlock(nn.Module, _EvalWeightCache):
         def compute():
             return self._quantized(*self.merge(None, 'running'))
         return self._cached(list(self.parameters()) + list(self.buffers()), compute,
-                            self.w_quant)
+                            (self.w_quant, self.a_quant) if self.int_bias else self.w_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.repq:

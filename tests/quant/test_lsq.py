@@ -286,3 +286,32 @@ def test_mse_init_minimises_error():
     assert torch.allclose(q.step.detach(), mse_step(w, 8, 7, 0))
     with pytest.raises(ValueError, match='init'):
         LSQQuantizer(8, init='max')
+
+
+def test_eval_cache_with_int_bias_tracks_the_input_quantizer():
+    """With ``int_bias`` the cached merged bias depends on the input quantizer's step:
+    changing it, or disabling the input quantizer, takes effect in eval at once, and the
+    output equals a fresh computation (no stale cached bias)."""
+    import copy
+
+    from repq_mm.rep import RepVGGBlock
+    torch.manual_seed(0)
+    blk = RepVGGBlock(3, 4).enable_repq(QConfig(w_bits=4, a_bits=4, int_bias=True))
+    x = torch.rand(2, 3, 6, 6)
+    with torch.no_grad():
+        blk.train()(x)                    # initialise the step sizes
+        for bn in blk.bns():              # BN biases well away from zero
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+        blk.eval()
+        b0 = blk._merged_quantized(blk.a_quant(x))[1]
+        assert b0.abs().min() > 0
+        blk.a_quant.step.mul_(3.7)        # another accumulator grid s_a s_w
+        b1 = blk._merged_quantized(blk.a_quant(x))[1]
+        ref = copy.deepcopy(blk)
+        ref.__dict__['_wcache'] = None
+        assert torch.equal(b1, ref._merged_quantized(ref.a_quant(x))[1])
+        assert not torch.equal(b0, b1)
+        blk.a_quant.enabled = False       # no integer accumulator: the bias as merged
+        b2 = blk._merged_quantized(x)[1]
+        assert torch.equal(b2, blk.merge(None, 'running')[1])
