@@ -12,6 +12,11 @@ Markdown table to ``WORK_ROOT/<model>/results.md`` and all numbers to ``results.
     python tools/det_experiments.py --model yolov7 --methods repq-bn --bits 8
     python tools/det_experiments.py --quick                  # 1 iteration on 4 tiles (tests)
     python tools/det_experiments.py --timing 6               # s/iteration of every config
+    python tools/det_experiments.py --fold 1                 # on validation fold 1 of 3
+
+``--fold K`` trains and evaluates on fold ``K`` of the three disjoint 9-tile validation
+folds (``annotations/instances_{train,val}_fold{K}.json``; fold 0 is the default split), the
+FP model trained on that fold's training tiles, work root ``work_dirs/det_folds/fold{K}``.
 
 Every step runs as a subprocess with its log in its work dir; finished steps (a
 ``result.json`` next to their log) are reused unless ``--force``.
@@ -44,6 +49,21 @@ ITER_TIME_RE = re.compile(r'Epoch\(train\).*?\btime:\s*([0-9.]+)')
 QUICK = ['train_dataloader.dataset.indices=4', 'val_dataloader.dataset.indices=2',
          'test_dataloader.dataset.indices=2', 'train_cfg.max_epochs=1',
          'train_cfg.val_interval=1', 'default_hooks.logger.interval=1']
+
+
+def fold_opts(fold) -> list:
+    """``--cfg-options`` for validation fold ``fold`` (``None``: the configs' own split)."""
+    if fold is None:
+        return []
+    ann = {split: f'annotations/instances_{split}_fold{fold}.json' for split in ('train', 'val')}
+    for a in ann.values():
+        if not osp.isfile(osp.join(ROOT, 'data', 'trees', a)):
+            raise SystemExit(f'no data/trees/{a}: run tools/dataset_converters/deepforest_trees.py')
+    return [f'train_dataloader.dataset.ann_file={ann["train"]}',
+            f'val_dataloader.dataset.ann_file={ann["val"]}',
+            f'test_dataloader.dataset.ann_file={ann["val"]}',
+            f'val_evaluator.ann_file=data/trees/{ann["val"]}',
+            f'test_evaluator.ann_file=data/trees/{ann["val"]}']
 
 
 def bbox_map(output: str, what: str) -> dict:
@@ -219,18 +239,22 @@ def main(argv=None):
                     help='1 iteration on 4 training tiles, 2 val tiles (smoke test)')
     ap.add_argument('--timing', type=int, metavar='N',
                     help='only measure s/iteration of every config over N iterations')
+    ap.add_argument('--fold', type=int, choices=(0, 1, 2), default=None,
+                    help='validation fold (default: the configs\' split, = fold 0)')
     ap.add_argument('--force', action='store_true', help='recompute finished steps')
     add_lsq_impl_arg(ap)
     args = ap.parse_args(argv)
     if args.methods is None:
         args.methods = MODELS[args.model][2]
     if args.work_root is None:
-        args.work_root = osp.join(ROOT, 'work_dirs',
-                                  'det_trees_quick' if args.quick else 'det_trees', args.model)
+        root = 'det_trees_quick' if args.quick else 'det_trees'
+        if args.fold is not None:
+            root = osp.join('det_folds' + ('_quick' if args.quick else ''), f'fold{args.fold}')
+        args.work_root = osp.join(ROOT, 'work_dirs', root, args.model)
     args.work_root = osp.abspath(args.work_root)
     if args.timing:
         return timing(args)
-    opts = QUICK if args.quick else []
+    opts = (QUICK if args.quick else []) + fold_opts(args.fold)
     t0 = time.time()
     print(f'== {args.model} on the DeepForest tree tiles', flush=True)
     results = {'fp': run_fp(args, opts)}
@@ -244,7 +268,8 @@ def main(argv=None):
             what = LABELS[m] + ('' if m == 'fp-ft' else f' W{bits}A{bits}')
             print(f'  {what}: mAP {r["mAP"]:.3f} / mAP50 {r["mAP50"]:.3f}' + merged, flush=True)
     md = table(results, args.bits, args.methods)
-    head = (f'DeepForest tree tiles (val: 9 tiles, 161 boxes), {args.model}, COCO bbox mAP'
+    split = 'val' if args.fold is None else f'val fold {args.fold}'
+    head = (f'DeepForest tree tiles ({split}: 9 tiles), {args.model}, COCO bbox mAP'
             f'{" (QUICK smoke run)" if args.quick else ""}, {time.time() - t0:.0f} s\n\n')
     print('\n' + head + md)
     os.makedirs(args.work_root, exist_ok=True)

@@ -438,3 +438,32 @@ def test_tree_config_builds(path):
         assert len(outs) == 6 and all(bits[n] == 8 for n in outs)
         w = cfg.model.repq.w_bits
         assert sorted(set(bits.values())) == sorted({w, 8})
+
+
+def test_det_experiments_fold_options(trees):
+    """``det_experiments.py --fold K``: the options point every dataset and evaluator at
+    fold K's files; the three validation folds are disjoint 9-tile sets, none overlaps its
+    training tiles, fold 0 is the configs' own split; a missing fold file is named."""
+    import json
+    det = _load_tool(osp.join(ROOT, 'tools', 'det_experiments.py'), 'repq_det_experiments')
+    assert det.fold_opts(None) == []
+    vals = []
+    for k in range(3):
+        opts = dict(o.split('=', 1) for o in det.fold_opts(k))
+        assert set(opts) == {f'{s}_dataloader.dataset.ann_file' for s in ('train', 'val', 'test')} \
+            | {'val_evaluator.ann_file', 'test_evaluator.ann_file'}
+        val = opts['val_dataloader.dataset.ann_file']
+        assert val.endswith(f'val_fold{k}.json') and opts['test_dataloader.dataset.ann_file'] == val
+        assert opts['val_evaluator.ann_file'] == opts['test_evaluator.ann_file'] == \
+            'data/trees/' + val
+
+        def images(rel):
+            with open(osp.join(TREES, rel)) as f:
+                return {im['file_name'] for im in json.load(f)['images']}
+        v, t = images(val), images(opts['train_dataloader.dataset.ann_file'])
+        assert len(v) == 9 and not v & t
+        vals.append(v)
+    assert not (vals[0] & vals[1] or vals[0] & vals[2] or vals[1] & vals[2])
+    assert vals[0] == images(osp.join('annotations', 'instances_val.json'))
+    with pytest.raises(SystemExit, match='instances_train_fold7.json'):
+        det.fold_opts(7)
