@@ -13,8 +13,9 @@ accuracy: a ``result.json`` of ``tools/fmnist_experiments.py`` (``merged_acc``, 
 test of the merged checkpoint, else ``acc``) or a number.
 
 Writes ``pareto.md`` (table, sorted by series and size), ``pareto.json`` and ``pareto.png``
-(accuracy against KiB, one line per series, the points of each series' upper envelope
-marked) to ``--out-dir``.
+(accuracy against KiB: every point, and one line per series through its upper envelope, the
+points no other point of the series beats) to ``--out-dir``; the table marks the points on
+the front of all series together.
 """
 from __future__ import annotations
 
@@ -79,13 +80,13 @@ def plot(points: list[dict], path: str, title: str, metric: str) -> None:
     for series in dict.fromkeys(p['series'] for p in points):
         pts = sorted((p for p in points if p['series'] == series), key=lambda p: p['bytes'])
         xs, ys = [p['bytes'] / 1024 for p in pts], [p['acc'] for p in pts]
-        line, = ax.plot(xs, ys, marker='o', label=series)
+        front = sorted(pareto_front(pts), key=lambda i: xs[i])
+        line, = ax.plot([xs[i] for i in front], [ys[i] for i in front], marker='o',
+                        label=series)                    # the series' upper envelope
+        ax.scatter(xs, ys, s=25, color=line.get_color())  # every point
         for p in pts:
             ax.annotate(p['label'], (p['bytes'] / 1024, p['acc']), textcoords='offset points',
                         xytext=(4, 4), fontsize=8, color=line.get_color())
-        front = pareto_front(pts)
-        ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=90, facecolors='none',
-                   edgecolors=line.get_color())
     ax.set_xlabel('model weight size (KiB)')
     ax.set_ylabel(metric)
     ax.set_title(title)
@@ -109,7 +110,7 @@ def main(argv=None):
                    bytes=weight_bytes(c)) for s, lab, c, r in args.point]
     points.sort(key=lambda p: (p['series'], p['bytes']))
     front = pareto_front(points)
-    lines = [f'| series | point | weight bytes | KiB | {args.metric_name} | on the front |',
+    lines = [f'| series | point | weight bytes | KiB | {args.metric_name} | on the front (all series) |',
              '|---|---|---:|---:|---:|---|']
     for i, p in enumerate(points):
         lines.append(f'| {p["series"]} | {p["label"]} | {p["bytes"]} | {p["bytes"] / 1024:.1f} '
