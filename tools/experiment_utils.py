@@ -1,5 +1,6 @@
 """Helpers shared by tools/fmnist_experiments.py and tools/det_experiments.py: run a tool
 as a logged subprocess with progress, reuse finished steps, find the stock test tools."""
+import argparse
 import importlib.util
 import json
 import os
@@ -10,6 +11,20 @@ import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PROGRESS_RE = re.compile(r'(Epoch|Iter)\((train|val|test)\)\s*\[(.*?)\]\s*\[(\d+)/(\d+)\]')
+
+
+def bits_spec(text: str) -> tuple:
+    """``'8'`` -> (8, 8), ``'4a8'`` or ``'w4a8'`` -> (4, 8): weight and activation bits."""
+    m = re.fullmatch(r'w?(\d+)(?:a(\d+))?', text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f'bits {text!r}: expected a width (8, 4) or weight/activation widths (4a8, w4a8)')
+    w = int(m.group(1))
+    return w, int(m.group(2) or w)
+
+
+def bits_name(bits: tuple) -> str:
+    return f'w{bits[0]}a{bits[1]}'
 
 
 def add_lsq_impl_arg(ap) -> None:

@@ -24,8 +24,9 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from experiment_utils import (ROOT, add_lsq_impl_arg, cached, cfg_opts,  # noqa: E402
-                              lsq_impl_opts, run, save, stock_test_tool, train)
+from experiment_utils import (ROOT, add_lsq_impl_arg, bits_name, bits_spec,  # noqa: E402
+                              cached, cfg_opts, lsq_impl_opts, run, save, stock_test_tool,
+                              train)
 
 CFG_DIR = osp.join(ROOT, 'configs', 'repvgg_fmnist')
 METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc', 'repq-bnestk']
@@ -61,20 +62,6 @@ def run_fp(args, seed, opts):
     out = run([py, 'tools/test.py', cfg, ckpt, '--work-dir', osp.join(wd, 'test'),
                *cfg_opts(opts)], osp.join(wd, 'test.log'), 'test FP', args.threads)
     return save(wd, dict(acc=accuracy(out, 'FP test'), checkpoint=ckpt))
-
-
-def bits_spec(text: str) -> tuple:
-    """``'8'`` -> (8, 8), ``'4a8'`` or ``'w4a8'`` -> (4, 8): weight and activation bits."""
-    m = re.fullmatch(r'w?(\d+)(?:a(\d+))?', text.strip().lower())
-    if not m:
-        raise argparse.ArgumentTypeError(
-            f'bits {text!r}: expected a width (8, 4) or weight/activation widths (4a8, w4a8)')
-    w = int(m.group(1))
-    return w, int(m.group(2) or w)
-
-
-def bits_name(bits: tuple) -> str:
-    return f'w{bits[0]}a{bits[1]}'
 
 
 def run_quant(args, seed, method, bits, fp_ckpt, opts):

@@ -392,9 +392,11 @@ TREE_CONFIGS = sorted(p for d in ('yolov6_trees', 'yolov7_trees', 'reference_tre
 
 def test_tree_config_set():
     names = {osp.basename(p) for p in TREE_CONFIGS}
-    for m in ('fp', 'fp-ft', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4',
-              'repq-bnest_w8a8', 'repq-bnest_w4a4'):
+    for m in ('fp', 'fp-ft'):
         assert f'yolov6-n_{m}_trees.py' in names
+    for m in ('lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc', 'repq-bnestk'):
+        for b in ('w8a8', 'w4a8', 'w4a4'):
+            assert f'yolov6-n_{m}_{b}_trees.py' in names
     for m in ('fp', 'fp-ft', 'lsq_w8a8', 'lsq_w4a4', 'repq-bn_w8a8', 'repq-bn_w4a4'):
         assert f'yolov7-tiny_{m}_trees.py' in names
 
@@ -422,7 +424,13 @@ def test_tree_config_builds(path):
         assert 'CachedMosaic' not in [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
         method = cfg.model.repq.method
         assert hooks.count('LSQCalibHook') == (method != 'fp')
-        assert ('BNEstHook' in hooks) == ('_repq-bnest_' in name)
+        assert ('BNEstHook' in hooks) == ('_repq-bnest' in name)
+        repq = cfg.model.repq
+        assert (repq.get('est_refresh', 0) == 8) == ('_repq-bnestc_' in name)
+        assert (repq.get('est_stats', 'diag') == 'kron') == ('_repq-bnestk_' in name)
+        if method != 'fp':
+            bits_tag = re.search(r'_w(\d+)a(\d+)_', name)
+            assert (repq.w_bits, repq.a_bits) == tuple(map(int, bits_tag.groups()))
         assert method == {'fp-ft': 'fp', 'lsq': 'lsq'}.get(name.split('_')[1], 'repq')
     else:
         assert {'EMAHook', 'PipelineSwitchHook'} <= set(hooks)
@@ -436,8 +444,11 @@ def test_tree_config_builds(path):
                 if isinstance(q, LSQQuantizer) and n.endswith('w_quant')}
         outs = [n for n in bits if '.rtm_cls.' in n or '.rtm_reg.' in n]
         assert len(outs) == 6 and all(bits[n] == 8 for n in outs)
-        w = cfg.model.repq.w_bits
+        w, a = cfg.model.repq.w_bits, cfg.model.repq.a_bits
         assert sorted(set(bits.values())) == sorted({w, 8})
+        a_bits = {q.bits for n, q in model.named_modules()
+                  if isinstance(q, LSQQuantizer) and n.endswith('a_quant')}
+        assert sorted(a_bits) == sorted({a, 8})
 
 
 def test_det_experiments_fold_options(trees):
@@ -467,3 +478,61 @@ def test_det_experiments_fold_options(trees):
     assert vals[0] == images(osp.join('annotations', 'instances_val.json'))
     with pytest.raises(SystemExit, match='instances_train_fold7.json'):
         det.fold_opts(7)
+
+
+def test_det_experiments_fold_summary(tmp_path, capsys):
+    """``det_experiments.py --fold 0 1 2 --summary-only``: every fold's mAP, mean ± std, the
+    paired differences to the LSQ baseline / RepQ-BN and whether they resolve (same sign on
+    every fold, |mean| > std); steps not run are named, not dropped; W4A8 steps are found by
+    their own names; bad option combinations and missing configs are refused."""
+    import json
+    det = _load_tool(osp.join(ROOT, 'tools', 'det_experiments.py'), 'repq_det_experiments')
+    runs = {'fp': [0.136, 0.150, 0.120], 'fp-ft': [0.124, 0.140, 0.110],
+            'lsq_w4a4': [0.090, 0.100, 0.080], 'repq-bn_w4a4': [0.120, 0.130, 0.110],
+            'repq-bnest_w4a4': [0.095, 0.095, None], 'lsq_w4a8': [0.110, 0.120, 0.100],
+            'repq-bn_w4a8': [0.125, None, 0.105]}
+    for step, vals in runs.items():
+        for k, v in enumerate(vals):
+            if v is None:
+                continue
+            d = tmp_path / f'fold{k}' / 'yolov6' / step
+            d.mkdir(parents=True)
+            r = dict(mAP=v, mAP50=3 * v)
+            if step not in ('fp', 'fp-ft'):
+                r.update(merged_mAP=v, merged_mAP50=3 * v if k else 0.0)
+            (d / 'result.json').write_text(json.dumps(r))
+    methods = ['fp-ft', 'lsq', 'repq-bn', 'repq-bnest']
+    md, data, missing = det.fold_summary(str(tmp_path), 'yolov6', [0, 1, 2], [(4, 4), (4, 8)],
+                                         methods)
+    assert missing == ['fold 2: repq-bnest_w4a4', 'fold 1: repq-bn_w4a8',
+                       'fold 0: repq-bnest_w4a8', 'fold 1: repq-bnest_w4a8',
+                       'fold 2: repq-bnest_w4a8']
+    assert '| FP (multi-branch) | 0.136 | 0.150 | 0.120 | 0.135 ± 0.015 | 0.406 ± 0.045 | – |' in md
+    assert md.count('FP + the quantized runs') == 1           # one control, not one per width
+    assert '| RepQ-BN W4A4 | 0.120 | 0.130 | 0.110 | 0.120 ± 0.010 |' in md
+    assert 'NO (3 folds)' in md                                # fold 0's merged mAP50 differs
+    diffs = data['diffs']
+    bn = diffs['repq-bn_w4a4 - lsq_w4a4']
+    assert bn['diffs'] == pytest.approx([0.03, 0.03, 0.03]) and bn['resolves'] is True
+    est = diffs['repq-bnest_w4a4 - lsq_w4a4']                  # +0.005, -0.005: no
+    assert est['folds'] == [0, 1] and est['resolves'] is False
+    assert diffs['repq-bn_w4a8 - lsq_w4a8']['folds'] == [0, 2]
+    assert diffs['repq-bnest_w4a8 - lsq_w4a8']['mean'] is None  # no fold at all
+    assert '| RepQ-BN W4A4 − LSQ baseline | +0.030, +0.030, +0.030 | +0.030 ± 0.000 | yes |' in md
+    assert 'Not run yet: fold 2: repq-bnest_w4a4' in md
+
+    assert det.main(['--fold', '0', '1', '2', '--summary-only', '--folds-root', str(tmp_path),
+                     '--bits', '4', '4a8', '--methods', *methods]) == 0
+    out = capsys.readouterr().out
+    assert '5 steps not run yet' in out
+    written = (tmp_path / 'yolov6' / 'summary.md').read_text()
+    assert 'validation folds 0, 1, 2' in written and '| RepQ-BN W4A8 | 0.125 | – | 0.105 |' in written
+    assert json.loads((tmp_path / 'yolov6' / 'summary.json').read_text())['missing'] == missing
+    for bad, msg in ((['--fold', '0', '--work-root', str(tmp_path)], '--folds-root'),
+                     (['--summary-only'], '--summary-only needs --fold'),
+                     (['--model', 'yolov7', '--methods', 'repq-bnest'],
+                      'yolov7-tiny_repq-bnest_w8a8_trees.py'),
+                     (['--bits', '4b8'], '4b8')):
+        with pytest.raises(SystemExit):
+            det.main(bad)
+        assert msg in capsys.readouterr().err
