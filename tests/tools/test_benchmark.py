@@ -37,6 +37,22 @@ def _tool():
     return mod
 
 
+def test_loss_fn_bounded_for_detector_outputs():
+    """The benchmark's loss: cross entropy for logits; for detector outputs the smooth-L1
+    distance to zero, finite with a gradient bounded by 1 / numel however large the outputs
+    (the repeated steps on one batch must not diverge)."""
+    tool = _tool()
+    outs = (torch.full((2, 4, 5, 5), 1e4, requires_grad=True),
+            torch.randn(2, 3, 7, 7, requires_grad=True))
+    loss = tool.loss_fn(outs, torch.zeros(2, dtype=torch.long))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert outs[0].grad.abs().max().item() == pytest.approx(1 / outs[0].numel())
+    logits, target = torch.randn(2, 10), torch.tensor([1, 3])
+    assert torch.equal(tool.loss_fn(logits, target),
+                       torch.nn.functional.cross_entropy(logits, target))
+
+
 def _check_stats(rec):
     for k in ('median', 'q1', 'q3', 'min', 'max'):
         assert math.isfinite(rec[k]) and rec[k] > 0, (k, rec)
@@ -71,6 +87,10 @@ def test_benchmark_main_outputs(tmp_path):
     att = js['profile']['repq_est']
     assert att['wall_ms'] > 0 and att['categories_ms']
     assert any(it['ctx'] == 'lsq::act' for it in att['items'])
+    # the network conv's backward is the conv's, not the weight quantizer's that ran just
+    # before it (a view at the end of Q_w shares the conv node's sequence number)
+    conv_bwd = [it for it in att['items'] if it['op'] == 'ConvolutionBackward0']
+    assert conv_bwd and all(it['category'] == 'conv (network)' for it in conv_bwd), conv_bwd
     assert (tmp_path / 'profile_repq_est.txt').exists()
     assert res['train'].keys() == js['train'].keys()
     try:

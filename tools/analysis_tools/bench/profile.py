@@ -18,6 +18,7 @@ import contextlib
 import functools
 import time
 
+import torch
 from torch import nn
 
 from repq_mm.quant import LSQQuantizer
@@ -143,7 +144,11 @@ def attribute_profile(prof, wall_s: float, steps: int, batch: int = -1,
     (the host side is asynchronous); the rest of the wall time is GPU idle time."""
     events = list(prof.events())
     seq_ctx = {}
-    for e in events:
+    # Every op records the autograd sequence number current when it runs; an op that creates
+    # no node (a view, an in-place op at the end of a quantizer's forward) shares it with the
+    # next node. That node is created by the *last* op to record the number, so later
+    # events overwrite earlier ones (in start order).
+    for e in sorted(events, key=lambda e: e.time_range.start):
         if e.sequence_nr is None or e.sequence_nr < 0 or e.name.startswith('autograd::'):
             continue
         if not _is_op(e):
@@ -152,7 +157,7 @@ def attribute_profile(prof, wall_s: float, steps: int, batch: int = -1,
         if 'phase::forward' not in names:
             continue
         ctx = next((n for n in names if n in _CTX), None)
-        seq_ctx.setdefault((e.thread, e.sequence_nr), (ctx, _tag(e, batch)))
+        seq_ctx[(e.thread, e.sequence_nr)] = (ctx, _tag(e, batch))
     buckets: dict[tuple, float] = {}
     counts: dict[tuple, int] = {}
     for e in events:
@@ -302,6 +307,10 @@ def profile_variant(name, base, qcfg, x, target, device, args, mm_model=None,
     model = make_variant(name, base, qcfg, mm_model=mm_model).to(device)
     tr = Trainer(model, x, target, args.lr)
     if compiled:
+        # a fresh model of the same structure passes the guards of the graphs the timed run
+        # compiled (parameters are graph inputs), which were compiled without the kernel
+        # profile: forget them so this step is compiled again, with it
+        torch._dynamo.reset()
         step = compile_step(tr, args.compile, args.compile_backend)
         with _kernel_profile(device):
             warm_up_compiled(step, device, max(args.warmup, est_refresh_period(model) + 1),
