@@ -507,7 +507,8 @@ def test_det_experiments_fold_summary(tmp_path, capsys):
     assert missing == ['fold 2: repq-bnest_w4a4', 'fold 1: repq-bn_w4a8',
                        'fold 0: repq-bnest_w4a8', 'fold 1: repq-bnest_w4a8',
                        'fold 2: repq-bnest_w4a8']
-    assert '| FP (multi-branch) | 0.136 | 0.150 | 0.120 | 0.135 ± 0.015 | 0.406 ± 0.045 | – |' in md
+    assert ('| FP (multi-branch) | 0.136 | 0.150 | 0.120 | 0.135 ± 0.015 | 0.406 ± 0.045 | – |'
+            in md)
     assert md.count('FP + the quantized runs') == 1           # one control, not one per width
     assert '| RepQ-BN W4A4 | 0.120 | 0.130 | 0.110 | 0.120 ± 0.010 |' in md
     assert 'NO (3 folds)' in md                                # fold 0's merged mAP50 differs
@@ -518,7 +519,8 @@ def test_det_experiments_fold_summary(tmp_path, capsys):
     assert est['folds'] == [0, 1] and est['resolves'] is False
     assert diffs['repq-bn_w4a8 - lsq_w4a8']['folds'] == [0, 2]
     assert diffs['repq-bnest_w4a8 - lsq_w4a8']['mean'] is None  # no fold at all
-    assert '| RepQ-BN W4A4 − LSQ baseline | +0.030, +0.030, +0.030 | +0.030 ± 0.000 | yes |' in md
+    assert ('| RepQ-BN W4A4 − LSQ baseline | +0.030, +0.030, +0.030 | +0.030 ± 0.000 | yes |'
+            in md)
     assert 'Not run yet: fold 2: repq-bnest_w4a4' in md
 
     assert det.main(['--fold', '0', '1', '2', '--summary-only', '--folds-root', str(tmp_path),
@@ -526,7 +528,8 @@ def test_det_experiments_fold_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '5 steps not run yet' in out
     written = (tmp_path / 'yolov6' / 'summary.md').read_text()
-    assert 'validation folds 0, 1, 2' in written and '| RepQ-BN W4A8 | 0.125 | – | 0.105 |' in written
+    assert 'validation folds 0, 1, 2' in written
+    assert '| RepQ-BN W4A8 | 0.125 | – | 0.105 |' in written
     assert json.loads((tmp_path / 'yolov6' / 'summary.json').read_text())['missing'] == missing
     for bad, msg in ((['--fold', '0', '--work-root', str(tmp_path)], '--folds-root'),
                      (['--summary-only'], '--summary-only needs --fold'),

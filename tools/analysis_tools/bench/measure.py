@@ -53,8 +53,10 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 # ----------------------------------------------------------------------------------------
 def loss_fn(out, target, target_max: int | None = None):
     """Cross entropy for class logits (a 2-D output wide enough for ``target``), else the
-    mean square of the output; summed over a tuple / list of outputs (detector heads).
-    ``target_max``: ``int(target.max())`` computed once (``None``: here, a host sync)."""
+    smooth-L1 (Huber) distance of the output to zero, whose gradient is bounded (the mean
+    square of raw detector outputs made the repeated steps on one batch diverge); summed
+    over a tuple / list of outputs (detector heads). ``target_max``: ``int(target.max())``
+    computed once (``None``: here, a host sync)."""
     if isinstance(out, (tuple, list)):
         return sum(loss_fn(o, target, target_max) for o in out)
     if out.dim() == 2 and target is not None:
@@ -62,7 +64,8 @@ def loss_fn(out, target, target_max: int | None = None):
             target_max = int(target.max())
         if out.shape[1] > target_max:
             return F.cross_entropy(out, target)
-    return out.float().pow(2).mean()
+    out = out.float()
+    return F.smooth_l1_loss(out, torch.zeros_like(out))
 
 
 class Trainer:

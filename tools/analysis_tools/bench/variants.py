@@ -180,7 +180,7 @@ def build_model(args) -> tuple[nn.Module | None, str]:
         model = DET_MODELS.build(cfg.model)
         return (_MMWrapper(model, 'detector'),
                 f'mmdet {mmdet.__version__} detector {osp.relpath(path, ROOT)} (training step: '
-                'mean square of the head outputs as the loss; the assigner / detection loss '
+                'smooth-L1 of the head outputs to zero as the loss; the assigner / detection loss '
                 'costs the same for every variant and is left out)')
     raise SystemExit(f'unknown --model {spec!r}: use block, one of '
                      f'{sorted(REPVGG_ARCHS)}, mmpretrain:CONFIG_OR_ARCH, '
