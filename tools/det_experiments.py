@@ -40,7 +40,7 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from experiment_utils import (ROOT, add_lsq_impl_arg, bits_name, bits_spec,  # noqa: E402
-                              cached, last_checkpoint, lsq_impl_opts, run, save,
+                              cached, last_checkpoint, lsq_impl_opts, mean_std, run, save,
                               stock_test_tool)
 
 MODELS = {   # config folder, config prefix, default methods
@@ -285,14 +285,6 @@ def step_dir(method, bits) -> str:
     return method if method in ('fp', 'fp-ft') else f'{method}_{bits_name(bits)}'
 
 
-def _mean_std(values) -> str:
-    if not values:
-        return '–'
-    if len(values) == 1:
-        return f'{values[0]:.3f}'
-    return f'{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}'
-
-
 def paired(a: dict, b: dict):
     """Per-fold differences ``a - b`` over the folds both have, their mean and standard
     deviation, and whether the difference resolves: at least two folds, the same sign on
@@ -343,8 +335,8 @@ def fold_summary(folds_root, model, folds, bits_list, methods) -> tuple:
                   f'{"yes" if all(eq.values()) else "NO"} ({len(eq)} folds)')
         lines.append(f'| {label(m, b)} | ' + ' | '.join(
             f'{v["mAP"][k]:.3f}' if k in v['mAP'] else '–' for k in folds)
-            + f' | {_mean_std(list(v["mAP"].values()))} | '
-            f'{_mean_std(list(v["mAP50"].values()))} | {merged} |')
+            + f' | {mean_std(list(v["mAP"].values()), 3)} | '
+            f'{mean_std(list(v["mAP50"].values()), 3)} | {merged} |')
     diffs, dlines = {}, []
     for ref in ('lsq', 'repq-bn'):
         for m, b in rows:

@@ -6,6 +6,7 @@ import json
 import os
 import os.path as osp
 import re
+import statistics
 import subprocess
 import time
 
@@ -25,6 +26,15 @@ def bits_spec(text: str) -> tuple:
 
 def bits_name(bits: tuple) -> str:
     return f'w{bits[0]}a{bits[1]}'
+
+
+def mean_std(values, digits: int = 2) -> str:
+    """``'–'`` for no value, the value for one, else ``mean ± std`` (sample std)."""
+    if not values:
+        return '–'
+    if len(values) == 1:
+        return f'{values[0]:.{digits}f}'
+    return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
 
 
 def add_lsq_impl_arg(ap) -> None:

@@ -19,14 +19,13 @@ import json
 import os
 import os.path as osp
 import re
-import statistics
 import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from experiment_utils import (ROOT, add_lsq_impl_arg, bits_name, bits_spec,  # noqa: E402
-                              cached, cfg_opts, lsq_impl_opts, run, save, stock_test_tool,
-                              train)
+                              cached, cfg_opts, lsq_impl_opts, mean_std, run, save,
+                              stock_test_tool, train)
 
 CFG_DIR = osp.join(ROOT, 'configs', 'repvgg_fmnist')
 METHODS = ['ptq', 'lsq', 'repq-bn', 'repq-bnest', 'repq-bnestc', 'repq-bnestk']
@@ -102,28 +101,20 @@ def run_quant(args, seed, method, bits, fp_ckpt, opts):
     return save(wd, res)
 
 
-def fmt(values):
-    if not values:
-        return '–'
-    if len(values) == 1:
-        return f'{values[0]:.2f}'
-    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
-
-
 def table(results, seeds, bits_list):
     heads = [bits_name(b).upper() for b in bits_list]
     lines = ['| method | ' + ' | '.join(f'{h} top-1 (%)' for h in heads) +
              ' | ' + ' | '.join(f'{h} merged, stock test (%)' for h in heads) + ' |',
              '|---' * (1 + 2 * len(bits_list)) + '|']
     fp = [results[s]['fp']['acc'] for s in seeds]
-    lines.append(f'| {LABELS["fp"]} | ' + ' | '.join(fmt(fp) for _ in bits_list) + ' | ' +
+    lines.append(f'| {LABELS["fp"]} | ' + ' | '.join(mean_std(fp) for _ in bits_list) + ' | ' +
                  ' | '.join('–' for _ in bits_list) + ' |')
     for m in METHODS:
         if not any((m, b) in results[s] for s in seeds for b in bits_list):
             continue
-        accs = [fmt([results[s][(m, b)]['acc'] for s in seeds if (m, b) in results[s]])
+        accs = [mean_std([results[s][(m, b)]['acc'] for s in seeds if (m, b) in results[s]])
                 for b in bits_list]
-        merged = [fmt([results[s][(m, b)]['merged_acc'] for s in seeds
+        merged = [mean_std([results[s][(m, b)]['merged_acc'] for s in seeds
                        if 'merged_acc' in results[s].get((m, b), {})]) for b in bits_list]
         lines.append(f'| {LABELS[m]} | ' + ' | '.join(accs) + ' | ' + ' | '.join(merged) + ' |')
     return '\n'.join(lines)
